@@ -1,0 +1,72 @@
+"""Keys every pipeline config shares (DESIGN.md). Dataset configs start from `base()`."""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = ""  # empty: runs/<config name>; the --workdir flag overrides
+  c.stages = "train_cam,eval_cam"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic"  # synthetic | voc | coco
+  c.data.root = ""
+  c.data.train_split = "train"
+  c.data.eval_split = "train_eval"  # where seeds and masks are scored
+  c.data.val_split = "val"  # segmentation validation
+  c.data.num_classes = 21  # background included
+  c.data.labels = "auto"  # voc: auto | xml | cls_labels | mask | path to .json/.npy
+  c.data.mask_dir = "auto"  # voc: auto (SegmentationClassAug, else SegmentationClass) | a folder name
+  c.data.image_size = 0  # synthetic only
+  c.data.num_train = 0  # synthetic only: 0 = the split's default size
+  c.data.num_eval = 0  # synthetic only
+  c.data.workers = 0  # grain worker processes; 0 = threads in this process
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet50"  # resnet50 | resnet101 | resnet_small | resnet_tiny
+  c.model.strides = (2, 2, 2, 1)  # conv1, layer2, layer3, layer4: output stride 16
+  c.model.detach_after = 2  # SIPE/IRN stop gradients after layer2; -1 trains the whole backbone
+  c.model.side_dims = ()  # empty: SIPE's (128, 128, 256, 256) scaled with the backbone width
+  c.model.pretrained = ""  # converted ImageNet weights (.npz/.safetensors); empty = random init
+  c.model.compute_dtype = "float32"  # float32 | bfloat16 (backbone only; losses stay float32)
+
+  c.method = ml_collections.ConfigDict()
+  c.method.name = "sipe"  # cam | sipe
+  c.method.cls_weight = 1.0
+  c.method.gsc_weight = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 16  # global, over all devices and processes
+  c.train.epochs = 5
+  c.train.num_steps = 0  # 0: epochs * (train images // batch_size)
+  c.train.stop_at_step = 0  # >0: checkpoint and stop there (the schedule still spans num_steps)
+  c.train.crop_size = 512
+  c.train.resize_long = (320, 640)
+  c.train.lr = 0.1  # backbone
+  c.train.head_lr_mult = 10.0  # classifier and side heads
+  c.train.poly_power = 0.9
+  c.train.weight_decay = 1e-4
+  # IRN/SIPE's PolyOptimizerSGD passes weight_decay where torch.optim.SGD expects momentum, so the
+  # baselines trained with momentum 1e-4. 0.9 is what the papers say.
+  c.train.momentum = 1e-4
+  c.train.clip_norm = 1.0  # global grad-norm clip before weight decay; 0 disables
+  c.train.log_every = 50
+  c.train.ckpt_every = 500
+  c.train.ckpt_keep = 2
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 16
+  c.eval.flip = True  # sum the maps of the image and its flip, as SIPE's inference does
+  c.eval.pad_multiple = 64  # eval images are padded up to a multiple of this to bound recompiles
+  c.eval.threshold_max = 0.59  # background sweep t in 0.00..threshold_max for maps without bg
+  c.eval.cam_threshold = 0.15  # IRN's fixed cam_eval_thres, reported beside the sweep
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # devices on the data axis; -1 = all
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False  # call jax.distributed.initialize() (TPU pods, multi-host GPU)
+  c.distributed.expect_processes = 0  # >0: assert the process count
+  c.distributed.expect_devices = 0  # >0: assert the global device count
+  return c

@@ -1,0 +1,79 @@
+"""Orbax checkpoints of a training stage: the train state, the grain iterator position, and the
+config keys a resumed run must agree with. Writes are atomic (orbax finalises a step directory
+only when complete), so a half-written checkpoint is never restored."""
+
+import json
+import logging
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        ),
+    )
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state, data_iter, meta: dict) -> None:
+    args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if data_iter is not None:
+      args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
+
+  def restore(self, step: int, abstract_state, data_iter=None):
+    """Restores into the shapes, dtypes and shardings of `abstract_state` (jax.ShapeDtypeStruct
+    leaves with shardings, or arrays), and `data_iter` in place. Returns (state, meta)."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    args = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+    if data_iter is not None:
+      args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+    return out["state"], out["meta"]
+
+  def restore_meta(self, step: int) -> dict:
+    return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def check_compatible(saved: dict, current: dict, directory: str) -> None:
+  """Refuses to resume when a key that shapes the state differs from the checkpoint's."""
+  diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+  if diff:
+    lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+    raise ValueError(
+        f"the checkpoint in {directory} was made with a different config ({lines}); "
+        "use another --workdir or restore those keys"
+    )
+
+
+def fingerprint(config, extra: dict | None = None) -> dict:
+  """The config keys that must match for a checkpoint to be resumed (JSON-stable values)."""
+  fp = {
+      "data.name": config.data.name,
+      "data.num_classes": config.data.num_classes,
+      "model.backbone": config.model.backbone,
+      "model.strides": list(config.model.strides),
+      "model.side_dims": list(config.model.side_dims),
+      "method.name": config.method.name,
+      "train.batch_size": config.train.batch_size,
+      "seed": config.seed,
+  }
+  fp.update(extra or {})
+  return json.loads(json.dumps(fp))

@@ -1,0 +1,66 @@
+"""The CAM network: ResNet backbone, 1x1 classifier, and SIPE's side heads (METHOD.md 2.1-2.2).
+
+The module only computes features; the SIPE/CPAL/PPC math lives in `cpal_jax.method` as pure
+functions over its outputs, which is what lets CPAL plug into other CAM models.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cpal_jax import image_ops
+from cpal_jax.method import sipe
+from cpal_jax.models import resnet
+
+# Parameter groups of the optimiser: new layers train at 10x the backbone's learning rate.
+HEAD_MODULES = ("classifier", "side1", "side2", "side3", "side4", "proj")
+
+
+class CAMNet(nn.Module):
+  num_classes: int  # background included; the classifier has num_classes - 1 outputs
+  backbone: str = "resnet50"
+  strides: Sequence[int] = (2, 2, 2, 1)
+  detach_after: int = 2
+  side_dims: Sequence[int] = (128, 128, 256, 256)
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> dict:
+    """x: normalised images [B, H, W, 3]. Returns the raw CAM, GAP score, x4 and F_hie."""
+    feats = resnet.ResNet(self.backbone, self.strides, detach_after=self.detach_after, name="backbone")(
+        x.astype(self.dtype)
+    )
+    feats = {k: v.astype(jnp.float32) for k, v in feats.items()}
+    x4 = feats["stage4"]
+    cam = resnet.conv(self.num_classes - 1, 1, name="classifier", kernel_init=resnet.torch_default_init)(x4)
+    # Side heads see detached stages: the GSC loss trains them without touching the backbone.
+    sides = [
+        resnet.conv(d, 1, name=f"side{i + 1}", kernel_init=resnet.torch_default_init)(
+            jax.lax.stop_gradient(feats[f"stage{i + 1}"])
+        )
+        for i, d in enumerate(self.side_dims)
+    ]
+    size = sides[2].shape[1:3]
+    hie = sipe.hierarchical_feature(sides, size, image_ops.resize_bilinear)
+    return {"cam": cam, "score": jnp.mean(cam, axis=(1, 2)), "x4": x4, "hie": hie}
+
+
+def scaled_side_dims(arch: str) -> tuple[int, ...]:
+  """SIPE's side widths (128, 128, 256, 256) for ResNet-50, scaled with the backbone width."""
+  ratio = resnet.stage_channels(arch)[0] / 256
+  return tuple(max(8, int(d * ratio)) for d in (128, 128, 256, 256))
+
+
+def from_config(config) -> CAMNet:
+  m = config.model
+  side_dims = tuple(m.side_dims) if m.get("side_dims") else scaled_side_dims(m.backbone)
+  return CAMNet(
+      num_classes=config.data.num_classes,
+      backbone=m.backbone,
+      strides=tuple(m.strides),
+      detach_after=m.detach_after,
+      side_dims=side_dims,
+      dtype=jnp.bfloat16 if m.get("compute_dtype", "float32") == "bfloat16" else jnp.float32,
+  )

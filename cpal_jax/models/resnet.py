@@ -1,0 +1,127 @@
+"""ResNet backbones in the torchvision layout, with frozen BatchNorm.
+
+Parameter names mirror torchvision (`conv1`, `bn1`, `layer1_0/conv1`, `layer1_0/downsample_conv`,
+...), so an ImageNet checkpoint converts one tensor to one leaf. The bottleneck puts its stride on
+the 3x3 conv (torchvision v1.5, as IRN/SIPE use); `stride_on_1x1=True` gives the caffe layout of the
+DeepLab initialisation. Padding is explicit and symmetric so output sizes match PyTorch, where
+Flax's 'SAME' would pad stride-2 convolutions asymmetrically.
+
+BatchNorm is always in inference mode (running statistics, in the `batch_stats` collection that is
+never updated): the WSSS recipes freeze it because batches of 16 large crops give poor statistics.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torchvision's conv init (kaiming normal, fan_out, relu).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default Conv2d init (kaiming uniform, a=sqrt(5)), used by the new heads of CAM nets.
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+ARCHS = {
+    # name: (blocks per stage, stem/base width)
+    "resnet50": ((3, 4, 6, 3), 64),
+    "resnet101": ((3, 4, 23, 3), 64),
+    # CPU-sized variants with the same structure (bottlenecks, 4 stages, expansion 4).
+    "resnet_small": ((1, 1, 2, 1), 32),
+    "resnet_tiny": ((1, 1, 1, 1), 16),
+}
+
+
+def conv(
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    dilation: int = 1,
+    name: str | None = None,
+    use_bias: bool = False,
+    kernel_init=conv_init,
+) -> nn.Conv:
+  pad = dilation * (kernel - 1) // 2
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      kernel_dilation=(dilation, dilation),
+      use_bias=use_bias,
+      kernel_init=kernel_init,
+      name=name,
+  )
+
+
+def frozen_bn(name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=True, epsilon=1e-5, name=name)
+
+
+def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class Bottleneck(nn.Module):
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  stride_on_1x1: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    s1, s3 = (self.stride, 1) if self.stride_on_1x1 else (1, self.stride)
+    out = nn.relu(frozen_bn("bn1")(conv(self.planes, 1, s1, name="conv1")(x)))
+    out = nn.relu(frozen_bn("bn2")(conv(self.planes, 3, s3, self.dilation, name="conv2")(out)))
+    out = frozen_bn("bn3")(conv(self.planes * 4, 1, name="conv3")(out))
+    if self.downsample:
+      x = frozen_bn("downsample_bn")(conv(self.planes * 4, 1, self.stride, name="downsample_conv")(x))
+    return nn.relu(out + x)
+
+
+class ResNet(nn.Module):
+  """Returns the outputs of the stem and the four stages (NHWC).
+
+  strides: of conv1, layer2, layer3, layer4 (IRN's convention; the max-pool always halves and
+  layer1 never strides). (2, 2, 2, 1) gives output stride 16, (2, 2, 1, 1) output stride 8.
+  detach_after: stop gradients at the output of this stage (SIPE/IRN detach stage 2, so the stem,
+  layer1 and layer2 never train); -1 lets gradients reach the stem.
+  """
+
+  arch: str = "resnet50"
+  strides: Sequence[int] = (2, 2, 2, 1)
+  dilations: Sequence[int] = (1, 1, 1, 1)
+  stride_on_1x1: bool = False
+  detach_after: int = -1
+
+  @nn.compact
+  def __call__(self, x) -> dict:
+    if self.arch not in ARCHS:
+      raise ValueError(
+          f"unknown backbone {self.arch!r}; choose one of {sorted(ARCHS)} (config key model.backbone)"
+      )
+    blocks, width = ARCHS[self.arch]
+    x = conv(width, 7, self.strides[0], name="conv1")(x)
+    x = max_pool_3x3_s2(nn.relu(frozen_bn("bn1")(x)))
+    if self.detach_after == 0:
+      x = jax.lax.stop_gradient(x)
+    feats = {"stage0": x}
+    layer_strides = (1,) + tuple(self.strides[1:])
+    in_ch = width
+    for i, (n, stride, dilation) in enumerate(zip(blocks, layer_strides, self.dilations)):
+      planes = width * 2**i
+      for b in range(n):
+        s = stride if b == 0 else 1
+        down = b == 0 and (s != 1 or in_ch != planes * 4)
+        x = Bottleneck(planes, s, dilation, down, self.stride_on_1x1, name=f"layer{i + 1}_{b}")(x)
+        in_ch = planes * 4
+      if self.detach_after == i + 1:
+        x = jax.lax.stop_gradient(x)
+      feats[f"stage{i + 1}"] = x
+    return feats
+
+
+def stage_channels(arch: str) -> tuple[int, int, int, int]:
+  """Output channels of stages 1..4."""
+  width = ARCHS[arch][1]
+  return tuple(width * 4 * 2**i for i in range(4))

@@ -1,0 +1,118 @@
+"""What a run reports: TensorBoard scalars, progress bars with ETA, and the workdir's summary.json.
+
+Only process 0 writes shared files; summary.json is merged stage by stage and replaced atomically.
+"""
+
+import json
+import math
+import os
+import sys
+import tempfile
+
+import numpy as np
+import tqdm
+
+from cpal_jax.parallel import distributed
+
+# Figures a summary always names (DESIGN.md); null until their stage has run.
+SUMMARY_KEYS = ("seed_miou", "crf_miou", "mask_miou", "seg_val_miou")
+
+
+class ScalarWriter:
+  """TensorBoard event files (tensorboardX, no TensorFlow) on process 0; no-op elsewhere."""
+
+  def __init__(self, logdir: str):
+    self._w = None
+    if distributed.is_main():
+      from tensorboardX import SummaryWriter
+
+      self._w = SummaryWriter(logdir)
+
+  def scalars(self, step: int, values: dict) -> None:
+    if self._w is not None:
+      for k, v in values.items():
+        self._w.add_scalar(k, float(v), step)
+
+  def close(self) -> None:
+    if self._w is not None:
+      self._w.close()
+
+
+def progress(total: int, desc: str, initial: int = 0):
+  return tqdm.tqdm(
+      total=total,
+      initial=initial,
+      desc=desc,
+      dynamic_ncols=True,
+      file=sys.stderr,
+      disable=not distributed.is_main(),
+      mininterval=1.0,
+  )
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _json_safe(x):
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  if isinstance(x, (np.floating, float)):
+    return None if not math.isfinite(float(x)) else float(x)
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def read_summary(workdir: str) -> dict:
+  path = os.path.join(workdir, "summary.json")
+  summary = {k: None for k in SUMMARY_KEYS}
+  if os.path.exists(path):
+    with open(path) as f:
+      summary.update(json.load(f))
+  return summary
+
+
+def update_summary(workdir: str, **updates) -> dict:
+  """Merges `updates` (nested dicts merge one level deep) into workdir/summary.json."""
+  summary = read_summary(workdir)
+  for k, v in updates.items():
+    if isinstance(v, dict) and isinstance(summary.get(k), dict):
+      summary[k] = {**summary[k], **v}
+    else:
+      summary[k] = v
+  summary = _json_safe(summary)
+  if distributed.is_main():
+    atomic_write_text(
+        os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    )
+  return summary
+
+
+def format_summary(summary: dict) -> str:
+  """The terminal digest of summary.json."""
+  lines = ["", "== cpal_jax summary =="]
+  for k in SUMMARY_KEYS:
+    v = summary.get(k)
+    lines.append(f"  {k:14s} {'-' if v is None else f'{v:.2f}'}")
+  for name, vals in (summary.get("baselines") or {}).items():
+    lines.append(f"  baseline {name}: {vals:.2f}")
+  th = summary.get("thresholds") or {}
+  for k, v in th.items():
+    if v is not None:
+      lines.append(f"  threshold {k}: {v}")
+  for stage, secs in (summary.get("stage_seconds") or {}).items():
+    lines.append(f"  time {stage:10s} {secs:8.1f} s")
+  return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""SGD as the WSSS reference code runs it (METHOD.md 1.2): two lr groups, poly decay, weight decay
+only on parameters that receive gradients, global-norm clipping of the raw gradients first."""
+
+import jax
+import optax
+from flax import traverse_util
+
+from cpal_jax.models.cam_net import HEAD_MODULES
+
+FROZEN, BACKBONE, HEAD = "frozen", "backbone", "head"
+
+
+def param_label(path: tuple[str, ...], detach_after: int) -> str:
+  """Group of one parameter, from its path in the CAMNet tree."""
+  top = path[0]
+  if top in HEAD_MODULES:
+    return HEAD
+  if top != "backbone":
+    raise ValueError(f"parameter {'/'.join(path)} belongs to no optimiser group")
+  name = path[1]
+  # IRN/SIPE freeze the pretrained stem (requires_grad=False); detach_after=-1 (training from
+  # scratch) trains everything.
+  stage = int(name[len("layer")]) if name.startswith("layer") else 0
+  # Stages up to a stop_gradient get no gradient; PyTorch then skips them, weight decay included.
+  return FROZEN if stage <= detach_after else BACKBONE
+
+
+def param_labels(params, detach_after: int):
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: param_label(k, detach_after) for k in flat})
+
+
+def poly(base_lr: float, num_steps: int, power: float):
+  return lambda count: base_lr * jax.numpy.maximum(1.0 - count / num_steps, 0.0) ** power
+
+
+def make_optimizer(train_cfg, num_steps: int, params, detach_after: int) -> optax.GradientTransformation:
+  def group(lr: float):
+    # torch.optim.SGD: d = g + wd * p; buf = momentum * buf + d; p -= lr * buf.
+    return optax.chain(
+        optax.add_decayed_weights(train_cfg.weight_decay),
+        optax.trace(decay=train_cfg.momentum),
+        optax.scale_by_schedule(lambda c: -poly(lr, num_steps, train_cfg.poly_power)(c)),
+    )
+
+  labels = param_labels(params, detach_after)
+  tx = optax.multi_transform(
+      {
+          FROZEN: optax.set_to_zero(),
+          BACKBONE: group(train_cfg.lr),
+          HEAD: group(train_cfg.lr * train_cfg.head_lr_mult),
+      },
+      labels,
+  )
+  if train_cfg.clip_norm > 0:
+    # Frozen parameters have requires_grad=False in PyTorch: they must not count in the norm.
+    frozen = jax.tree.map(lambda lab: lab == FROZEN, labels)
+    tx = optax.chain(
+        optax.masked(optax.set_to_zero(), frozen), optax.clip_by_global_norm(train_cfg.clip_norm), tx
+    )
+  return tx

@@ -1,0 +1,26 @@
+"""The train state pytree and its creation with explicit shardings."""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from cpal_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray
+  params: Any
+  batch_stats: Any  # frozen BatchNorm statistics: restored and checkpointed, never updated
+  opt_state: Any
+  extra: Any  # method state (CPAL's support bank and centroids); {} for cam/sipe
+
+
+def normalize_images(image_u8: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
+  """uint8 [B, H, W, 3] -> ImageNet-normalised float32, zero outside the valid region (equal to the
+  reference's zero padding of the normalised crop)."""
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
+  std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
+  return (image_u8.astype(jnp.float32) - mean) / std * valid[..., None].astype(jnp.float32)

@@ -1,0 +1,65 @@
+import numpy as np
+
+from cpal_jax.eval import miou
+from cpal_jax.eval.seed import SeedScorer
+
+
+def _random_case(rng, c=5, h=7, w=9):
+  label = np.zeros(c - 1, np.float32)
+  label[rng.choice(c - 1, size=2, replace=False)] = 1
+  maps = rng.random((h, w, c - 1)).astype(np.float32) * label
+  gt = rng.integers(0, c, (h, w))
+  gt[rng.random((h, w)) < 0.1] = 255
+  return maps, gt, label
+
+
+def test_threshold_sweep_matches_brute_force():
+  rng = np.random.default_rng(0)
+  c = 5
+  scorer = SeedScorer(c, has_background=False, threshold_max=0.59)
+  cases = [_random_case(rng, c) for _ in range(4)]
+  # Put some scores exactly on thresholds: the background plane wins ties (np.argmax picks it).
+  cases[0][0][0, 0, np.flatnonzero(cases[0][2])[0]] = 0.3
+  for m, g, l in cases:
+    scorer.add(m, g, l)
+  sweep = scorer.sweep()
+  for k, t in enumerate(scorer.thresholds):
+    conf = np.zeros((c, c), np.int64)
+    for m, g, l in cases:
+      keys = np.concatenate([[0], np.flatnonzero(l) + 1])
+      stacked = np.concatenate([np.full(m.shape[:2] + (1,), t), m[..., keys[1:] - 1]], -1)
+      conf += miou.confusion(g, keys[np.argmax(stacked, -1)], c)
+    np.testing.assert_array_equal(sweep[k], conf, err_msg=f"t={t}")
+  res = scorer.result([f"c{i}" for i in range(c)], 0.15)
+  best = max(miou.miou(s) for s in sweep)
+  assert res["seed_miou"] == round(100 * best, 3)
+  assert res["seed_miou_fixed_threshold"]["t"] == 0.15
+
+
+def test_argmax_with_background_channel_only_over_present_classes():
+  c = 4
+  scorer = SeedScorer(c, has_background=True)
+  maps = np.zeros((2, 2, c), np.float32)
+  maps[..., 0] = 0.4
+  maps[0, 0, 1] = 0.9  # present
+  maps[0, 1, 3] = 0.9  # absent class: must not be predicted
+  label = np.array([1, 0, 0], np.float32)
+  gt = np.array([[1, 0], [0, 255]])
+  scorer.add(maps, gt, label)
+  expected = miou.confusion(gt, np.array([[1, 0], [0, 0]]), c)
+  np.testing.assert_array_equal(scorer.conf, expected)
+  res = scorer.result(["bg", "a", "b", "c"], 0.15)
+  assert res["thresholds"]["seed"] is None and res["seed_miou"] == 100.0
+
+
+def test_trivial_baselines():
+  c = 3
+  scorer = SeedScorer(c, has_background=True)
+  gt = np.array([[0, 2], [2, 2]])
+  label = np.array([0, 1], np.float32)
+  scorer.add(np.zeros((2, 2, c), np.float32), gt, label)
+  res = scorer.result(["bg", "a", "b"], 0.15)
+  # all background: bg IoU 1/4, class b IoU 0 -> mean over bg and b = 12.5
+  assert res["baselines"]["all_background"] == 12.5
+  # label fill (class 2 everywhere): bg 0, b 3/4 -> 37.5
+  assert res["baselines"]["label_fill"] == 37.5
