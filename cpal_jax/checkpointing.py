@@ -71,6 +71,7 @@ def fingerprint(config, extra: dict | None = None) -> dict:
       "model.backbone": config.model.backbone,
       "model.strides": list(config.model.strides),
       "model.side_dims": list(config.model.side_dims),
+      "model.batch_norm": config.model.batch_norm,
       "method.name": config.method.name,
       "train.batch_size": config.train.batch_size,
       "seed": config.seed,

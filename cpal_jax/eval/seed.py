@@ -15,32 +15,45 @@ import numpy as np
 from cpal_jax import image_ops
 from cpal_jax.data import pipeline
 from cpal_jax.eval import miou
-from cpal_jax.method import sipe
+from cpal_jax.method import cpal, sipe
+from cpal_jax.models import cam_net
 from cpal_jax.parallel import sharding
 from cpal_jax.train import cam as cam_stage
 from cpal_jax.train import state as state_lib
 
 
-def make_predict(model, method: str, flip: bool):
-  """Jitted (variables, batch) -> seed maps [B, H, W, K] at the padded input size, max-normalised
-  over the valid region: K = C with background (sipe) or C-1 foreground channels (cam)."""
+def has_background(config) -> bool:
+  """Whether the scored map carries its own background channel (else a threshold sweep)."""
+  m = config.method
+  return m.name == "sipe" or (m.name == "cpal" and m.cpal.seed_map in ("pacam", "fused"))
+
+
+def make_predict(model, config, flip: bool):
+  """Jitted (variables, extra, batch) -> seed maps [B, H, W, K] at the padded input size,
+  max-normalised over the valid region: K = C with background, or C-1 foreground channels."""
+  m = config.method
 
   def forward(variables, images):
     out = model.apply(variables, images)
-    if not flip:
-      return out["cam"], out["hie"]
-    o2 = model.apply(variables, images[:, :, ::-1])
-    return out["cam"] + o2["cam"][:, :, ::-1], out["hie"] + o2["hie"][:, :, ::-1]
+    if flip:
+      o2 = model.apply(variables, images[:, :, ::-1])
+      out = {k: v + o2[k][:, :, ::-1] if v.ndim == 4 else v for k, v in out.items()}
+    return out
 
-  def predict(variables, batch):
+  def predict(variables, extra, batch):
     images = state_lib.normalize_images(batch["image"], batch["valid"])
-    cam, hie = forward(variables, images)
+    out = forward(variables, images)
+    cam, hie = out["cam"], out["hie"]
     labels = batch["label"].astype(jnp.float32)
     h, w = cam.shape[1:3]
     valid_lo = image_ops.resize_nearest(batch["valid"].astype(jnp.float32)[..., None], (h, w))[..., 0]
-    if method == "sipe":
+    if m.name == "sipe":
       mask = sipe.label_mask(valid_lo, labels)
       maps = sipe.sipe_maps(cam, hie, hie, mask, mask_cam=False)["is_cam"]
+    elif m.name == "cpal" and m.cpal.seed_map in ("pacam", "fused"):
+      feats = cam_net.projected_features(config, out)
+      r = cpal.cpal_maps(cam, feats, labels, valid_lo, extra, m.cpal, bg_feature=hie)
+      maps = r["pacam"] if m.cpal.seed_map == "pacam" else r["norm_cam"] + m.cpal.fused_lambda * r["pacam"]
     else:
       maps = jax.nn.relu(cam) * labels[:, None, None, :]
     maps = image_ops.resize_bilinear(maps, batch["image"].shape[1:3])
@@ -120,16 +133,17 @@ def evaluate(config, workdir: str) -> dict:
   """Scores single-scale seeds of the final CAM checkpoint on data.eval_split."""
   t0 = time.time()
   mesh = sharding.make_mesh(config.mesh.data)
-  model, variables, step = cam_stage.load_params(config, workdir, mesh)
-  predict = make_predict(model, config.method.name, config.eval.flip)
+  model, variables, extra, step = cam_stage.load_params(config, workdir, mesh)
+  predict = make_predict(model, config, config.eval.flip)
   source = pipeline.make_source(config, config.data.eval_split, with_mask=True)
-  scorer = SeedScorer(config.data.num_classes, config.method.name == "sipe", config.eval.threshold_max)
+  scorer = SeedScorer(config.data.num_classes, has_background(config), config.eval.threshold_max)
   from cpal_jax import reporting
 
   bar = reporting.progress(len(source), "eval_cam")
   for _, batch in pipeline.eval_batches(source, config.eval.batch_size, config.eval.pad_multiple):
     keep = batch.pop("keep")
-    maps = np.asarray(jax.device_get(predict(variables, {k: batch[k] for k in ("image", "valid", "label")})))
+    inputs = {k: batch[k] for k in ("image", "valid", "label")}
+    maps = np.asarray(jax.device_get(predict(variables, extra, inputs)))
     for i in np.flatnonzero(keep):
       h, w = batch["size"][i]
       scorer.add(maps[i, :h, :w], batch["mask"][i, :h, :w], batch["label"][i])

@@ -24,14 +24,17 @@ class CAMNet(nn.Module):
   strides: Sequence[int] = (2, 2, 2, 1)
   detach_after: int = 2
   side_dims: Sequence[int] = (128, 128, 256, 256)
+  proj_dim: int = 0  # >0: a 1x1 conv + ReLU projection of x4 (CPAL's conv256 head, PPC's fc_proj)
+  bn_train: bool = False  # see resnet: batch statistics for networks trained from scratch
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> dict:
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> dict:
     """x: normalised images [B, H, W, 3]. Returns the raw CAM, GAP score, x4 and F_hie."""
-    feats = resnet.ResNet(self.backbone, self.strides, detach_after=self.detach_after, name="backbone")(
-        x.astype(self.dtype)
+    backbone = resnet.ResNet(
+        self.backbone, self.strides, detach_after=self.detach_after, bn_train=self.bn_train, name="backbone"
     )
+    feats = backbone(x.astype(self.dtype), train)
     feats = {k: v.astype(jnp.float32) for k, v in feats.items()}
     x4 = feats["stage4"]
     cam = resnet.conv(self.num_classes - 1, 1, name="classifier", kernel_init=resnet.torch_default_init)(x4)
@@ -44,13 +47,26 @@ class CAMNet(nn.Module):
     ]
     size = sides[2].shape[1:3]
     hie = sipe.hierarchical_feature(sides, size, image_ops.resize_bilinear)
-    return {"cam": cam, "score": jnp.mean(cam, axis=(1, 2)), "x4": x4, "hie": hie}
+    out = {"cam": cam, "score": jnp.mean(cam, axis=(1, 2)), "x4": x4, "hie": hie}
+    if self.proj_dim:
+      proj = resnet.conv(self.proj_dim, 1, name="proj", kernel_init=resnet.torch_default_init)
+      out["proj"] = nn.relu(proj(x4))
+    return out
 
 
 def scaled_side_dims(arch: str) -> tuple[int, ...]:
   """SIPE's side widths (128, 128, 256, 256) for ResNet-50, scaled with the backbone width."""
   ratio = resnet.stage_channels(arch)[0] / 256
   return tuple(max(8, int(d * ratio)) for d in (128, 128, 256, 256))
+
+
+def uses_proj_head(config) -> bool:
+  return config.method.name == "cpal" and config.method.cpal.proj_head == "conv256"
+
+
+def projected_features(config, out: dict):
+  """The feature space of CPAL's prototypes: F_hie or the conv256 projection."""
+  return out["proj"] if uses_proj_head(config) else out["hie"]
 
 
 def from_config(config) -> CAMNet:
@@ -62,5 +78,7 @@ def from_config(config) -> CAMNet:
       strides=tuple(m.strides),
       detach_after=m.detach_after,
       side_dims=side_dims,
+      bn_train=m.batch_norm == "train",
+      proj_dim=config.method.cpal.proj_dim if uses_proj_head(config) else 0,
       dtype=jnp.bfloat16 if m.get("compute_dtype", "float32") == "bfloat16" else jnp.float32,
   )

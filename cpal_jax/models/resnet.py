@@ -6,8 +6,11 @@ the 3x3 conv (torchvision v1.5, as IRN/SIPE use); `stride_on_1x1=True` gives the
 DeepLab initialisation. Padding is explicit and symmetric so output sizes match PyTorch, where
 Flax's 'SAME' would pad stride-2 convolutions asymmetrically.
 
-BatchNorm is always in inference mode (running statistics, in the `batch_stats` collection that is
-never updated): the WSSS recipes freeze it because batches of 16 large crops give poor statistics.
+BatchNorm is frozen by default (`bn_train=False`): running statistics in the `batch_stats`
+collection, never updated, as the WSSS recipes do with ImageNet weights (batches of 16 large crops
+give poor statistics). A network trained from scratch has no statistics to freeze (frozen BN at
+init is the identity and the net barely learns), so `bn_train=True` normalises with the statistics
+of the global batch in training (synchronised over devices by jit) and updates the running ones.
 """
 
 from typing import Sequence
@@ -53,8 +56,9 @@ def conv(
   )
 
 
-def frozen_bn(name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=True, epsilon=1e-5, name=name)
+def batch_norm(name: str, use_batch_stats: bool = False) -> nn.BatchNorm:
+  # momentum 0.9 is PyTorch's 0.1: short from-scratch runs need running stats that keep up.
+  return nn.BatchNorm(use_running_average=not use_batch_stats, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
@@ -69,13 +73,14 @@ class Bottleneck(nn.Module):
   stride_on_1x1: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train_bn: bool = False):
     s1, s3 = (self.stride, 1) if self.stride_on_1x1 else (1, self.stride)
-    out = nn.relu(frozen_bn("bn1")(conv(self.planes, 1, s1, name="conv1")(x)))
-    out = nn.relu(frozen_bn("bn2")(conv(self.planes, 3, s3, self.dilation, name="conv2")(out)))
-    out = frozen_bn("bn3")(conv(self.planes * 4, 1, name="conv3")(out))
+    bn = lambda name: batch_norm(name, train_bn)
+    out = nn.relu(bn("bn1")(conv(self.planes, 1, s1, name="conv1")(x)))
+    out = nn.relu(bn("bn2")(conv(self.planes, 3, s3, self.dilation, name="conv2")(out)))
+    out = bn("bn3")(conv(self.planes * 4, 1, name="conv3")(out))
     if self.downsample:
-      x = frozen_bn("downsample_bn")(conv(self.planes * 4, 1, self.stride, name="downsample_conv")(x))
+      x = bn("downsample_bn")(conv(self.planes * 4, 1, self.stride, name="downsample_conv")(x))
     return nn.relu(out + x)
 
 
@@ -93,16 +98,19 @@ class ResNet(nn.Module):
   dilations: Sequence[int] = (1, 1, 1, 1)
   stride_on_1x1: bool = False
   detach_after: int = -1
+  bn_train: bool = False
 
   @nn.compact
-  def __call__(self, x) -> dict:
+  def __call__(self, x, train: bool = False) -> dict:
+    """train: with bn_train, normalise with batch statistics and update the running ones."""
     if self.arch not in ARCHS:
       raise ValueError(
           f"unknown backbone {self.arch!r}; choose one of {sorted(ARCHS)} (config key model.backbone)"
       )
     blocks, width = ARCHS[self.arch]
     x = conv(width, 7, self.strides[0], name="conv1")(x)
-    x = max_pool_3x3_s2(nn.relu(frozen_bn("bn1")(x)))
+    train_bn = train and self.bn_train
+    x = max_pool_3x3_s2(nn.relu(batch_norm("bn1", train_bn)(x)))
     if self.detach_after == 0:
       x = jax.lax.stop_gradient(x)
     feats = {"stage0": x}
@@ -113,7 +121,7 @@ class ResNet(nn.Module):
       for b in range(n):
         s = stride if b == 0 else 1
         down = b == 0 and (s != 1 or in_ch != planes * 4)
-        x = Bottleneck(planes, s, dilation, down, self.stride_on_1x1, name=f"layer{i + 1}_{b}")(x)
+        x = Bottleneck(planes, s, dilation, down, self.stride_on_1x1, name=f"layer{i + 1}_{b}")(x, train_bn)
         in_ch = planes * 4
       if self.detach_after == i + 1:
         x = jax.lax.stop_gradient(x)

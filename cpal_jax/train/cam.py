@@ -18,51 +18,44 @@ import optax
 
 from cpal_jax import checkpointing, image_ops, reporting
 from cpal_jax.data import pipeline
-from cpal_jax.method import sipe
+from cpal_jax.method import objectives
 from cpal_jax.models import cam_net, pretrained
 from cpal_jax.parallel import sharding
 from cpal_jax.train import optim, state as state_lib
 
-METHODS = ("cam", "sipe")
-
 log = logging.getLogger(__name__)
 
 
-def compute_losses(method_cfg, out: dict, labels: jnp.ndarray, valid: jnp.ndarray) -> dict:
-  """Loss terms of one forward pass. valid: [B, h, w] real-pixel mask at the CAM's resolution."""
-  terms = {"cls": sipe.multilabel_soft_margin(out["score"], labels)}
-  total = method_cfg.cls_weight * terms["cls"]
-  if method_cfg.name == "sipe":
-    mask = sipe.label_mask(valid, labels)
-    maps = sipe.sipe_maps(out["cam"], out["hie"], out["x4"], mask, mask_cam=True)
-    terms["gsc"] = sipe.gsc_loss(maps["norm_cam"], maps["is_cam"])
-    total = total + method_cfg.gsc_weight * terms["gsc"]
-  elif method_cfg.name != "cam":
-    raise ValueError(f"method.name={method_cfg.name!r} is not available; choose one of {METHODS}")
-  terms["total"] = total
-  return terms
-
-
-def make_train_step(model, tx: optax.GradientTransformation, method_cfg):
+def make_train_step(model, tx: optax.GradientTransformation, config):
 
   def train_step(state: state_lib.TrainState, batch: dict, key: jax.Array):
-    del key  # cam/sipe are deterministic; the regularisers that sample draw from it
+    del key  # cam/sipe/cpal are deterministic; a regulariser that samples draws from it
     images = state_lib.normalize_images(batch["image"], batch["valid"])
     labels = batch["label"].astype(jnp.float32)
 
     def loss_fn(params):
-      out = model.apply({"params": params, "batch_stats": state.batch_stats}, images)
+      out, new_vars = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"]
+      )
       h, w = out["cam"].shape[1:3]
       valid = image_ops.resize_nearest(batch["valid"].astype(jnp.float32)[..., None], (h, w))[..., 0]
-      terms = compute_losses(method_cfg, out, labels, valid)
-      return terms["total"], terms
+      feats = cam_net.projected_features(config, out)
+      terms, aux = objectives.compute_losses(config, out, feats, labels, valid, state.extra)
+      return terms["total"], (terms, aux, new_vars["batch_stats"])
 
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (terms, aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {f"loss/{k}": v for k, v in terms.items()}
+    metrics = {f"loss/{k}": v for k, v in terms.items() if k != "ready_classes"}
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        batch_stats=batch_stats,
+        extra=objectives.after_step(config, state.extra, aux),
+    )
+    return new_state, metrics
 
   return train_step
 
@@ -80,11 +73,11 @@ class Setup:
   step_fn: Callable  # jitted (state, batch, key) -> (state, metrics)
   abstract_state: state_lib.TrainState  # shapes, dtypes and shardings: enough to restore
   init_state: Callable[[], state_lib.TrainState]  # a fresh (or pretrained) sharded state
+  recluster: Callable | None  # jitted (extra, key) -> extra: CPAL's k-means at epoch starts
 
 
 def build(config, mesh, num_train: int) -> Setup:
-  if config.method.name not in METHODS:
-    raise ValueError(f"method.name={config.method.name!r} is not available; choose one of {METHODS}")
+  objectives.check(config)
   schedule = pipeline.make_schedule(config, num_train)
   sharding.check_batch(config.train.batch_size, mesh)
   model = cam_net.from_config(config)
@@ -92,9 +85,11 @@ def build(config, mesh, num_train: int) -> Setup:
   dummy = jnp.zeros((1, config.train.crop_size, config.train.crop_size, 3), jnp.float32)
   key = jax.random.key(config.seed)
   abstract_vars = jax.eval_shape(model.init, key, dummy)
+  feat_dim = cam_net.projected_features(config, jax.eval_shape(model.apply, abstract_vars, dummy)).shape[-1]
   tx = optim.make_optimizer(
       config.train, schedule.num_steps, abstract_vars["params"], config.model.detach_after
   )
+  num_devices = mesh.shape[sharding.DATA]
 
   def fresh(variables):
     return state_lib.TrainState(
@@ -102,26 +97,31 @@ def build(config, mesh, num_train: int) -> Setup:
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         opt_state=tx.init(variables["params"]),
-        extra={},
+        extra=objectives.init_state(config, feat_dim, num_devices),
     )
 
   abstract = jax.eval_shape(lambda: fresh(abstract_vars))
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
+  shardings = jax.tree.map(lambda _: repl, abstract)
+  shardings = shardings.replace(extra=objectives.state_sharding(config, mesh, abstract.extra))
+  abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings
+  )
 
   def init_state():
     variables = jax.jit(model.init, out_shardings=repl)(key, dummy)
     if config.model.pretrained:
       variables, n = pretrained.load_into(variables, config.model.pretrained, prefix="backbone")
       log.info("loaded %d tensors from %s", n, config.model.pretrained)
-    return jax.jit(fresh, out_shardings=repl)(variables)
+    return jax.jit(fresh, out_shardings=shardings)(variables)
 
   step_fn = jax.jit(
-      make_train_step(model, tx, config.method),
-      in_shardings=(repl, sharding.batch_sharded(mesh), repl),
-      out_shardings=(repl, repl),
+      make_train_step(model, tx, config),
+      in_shardings=(shardings, sharding.batch_sharded(mesh), repl),
+      out_shardings=(shardings, repl),
       donate_argnums=(0,),
   )
-  return Setup(model, schedule, step_fn, abstract, init_state)
+  recluster = objectives.make_recluster(config, shardings.extra) if config.method.name == "cpal" else None
+  return Setup(model, schedule, step_fn, abstract, init_state, recluster)
 
 
 def ckpt_dir(workdir: str) -> str:
@@ -149,9 +149,12 @@ def train(config, workdir: str) -> dict:
 
   writer = reporting.ScalarWriter(os.path.join(workdir, "cam", "tb"))
   base_key = jax.random.key(config.seed + 1)
+  kmeans_key = jax.random.key(config.seed + 2)
   bar = reporting.progress(stop, "train_cam", initial=start)
   t0, last, pending = time.time(), {}, []
   for step in range(start, stop):
+    if objectives.recluster_due(config, step, schedule.steps_per_epoch):
+      state = state.replace(extra=setup.recluster(state.extra, jax.random.fold_in(kmeans_key, step)))
     batch = sharding.global_batch(next(data_iter), mesh)
     state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
     pending.append(metrics)
@@ -159,6 +162,8 @@ def train(config, workdir: str) -> dict:
     done = step + 1
     if done % config.train.log_every == 0 or done == stop:
       last = _log(pending, done, schedule, config, writer, bar)
+      fill = objectives.bank_fill(state.extra, config.data.num_classes - 1)
+      writer.scalars(done, fill)
       pending = []
     if done % config.train.ckpt_every == 0 and done != stop:
       ckpt.save(done, state, data_iter, meta)
@@ -168,6 +173,7 @@ def train(config, workdir: str) -> dict:
   ckpt.close()
   writer.close()
   secs = time.time() - t0
+  fill = objectives.bank_fill(state.extra, config.data.num_classes - 1)
   return {
       "train_cam": {
           "steps": stop,
@@ -175,6 +181,7 @@ def train(config, workdir: str) -> dict:
           "epochs": stop / schedule.steps_per_epoch,
           "final_loss": last.get("loss/total"),
           "images_per_second": (stop - start) * schedule.global_batch / secs if stop > start else None,
+          **fill,
       },
   }
 
@@ -198,7 +205,7 @@ def _log(pending: list, step: int, schedule, config, writer, bar) -> dict:
 
 
 def load_params(config, workdir: str, mesh):
-  """The final trained variables of the CAM stage (for inference stages)."""
+  """The final trained model, variables and method state (CPAL's centres) of the CAM stage."""
   ckpt = checkpointing.Checkpointer(ckpt_dir(workdir), keep=config.train.ckpt_keep, async_save=False)
   step = ckpt.latest_step()
   if step is None:
@@ -210,4 +217,5 @@ def load_params(config, workdir: str, mesh):
   setup = build(config, mesh, source_len)
   state, _ = ckpt.restore(step, setup.abstract_state)
   ckpt.close()
-  return setup.model, {"params": state.params, "batch_stats": state.batch_stats}, step
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return setup.model, variables, state.extra, step

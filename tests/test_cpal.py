@@ -1,0 +1,747 @@
+"""CPAL (METHOD.md 3, Eqs. 4-14) against plain-numpy float64 references.
+
+The references loop over images, classes, neighbours and pixels and share nothing with the jnp code
+but the formulas; only SIPE's structure seeds (tested in test_sipe.py) are borrowed for the
+background prototype. NHWC throughout, channel 0 of C-channel maps = background.
+"""
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cpal_jax.method import cpal, sipe
+
+EPS = 1e-5  # SIPE's max-normalisation epsilon
+B, H, W, K, D, KC, TOP = 3, 4, 4, 3, 5, 6, 3  # K foreground classes, KC context prototypes
+CAPACITY = 8
+
+
+# ------------------------------------------------------------------ numpy references
+
+
+def f64(x):
+  return np.asarray(x, np.float64)
+
+
+def np_relu(x):
+  return np.maximum(x, 0.0)
+
+
+def np_max_normalize(x):
+  out = np.empty(x.shape)
+  for b in range(x.shape[0]):
+    for c in range(x.shape[3]):
+      out[b, :, :, c] = x[b, :, :, c] / (x[b, :, :, c].max() + EPS)
+  return out
+
+
+def np_norm_cam_with_background(cam):
+  norm = np_max_normalize(np_relu(f64(cam)))
+  return np.concatenate([1.0 - norm.max(-1, keepdims=True), norm], axis=-1)
+
+
+def np_label_mask(valid, labels):
+  b, h, w = valid.shape
+  out = np.zeros((b, h, w, labels.shape[1] + 1))
+  for n in range(b):
+    out[n, ..., 0] = valid[n]
+    for k in range(labels.shape[1]):
+      out[n, ..., k + 1] = valid[n] * labels[n, k]
+  return out
+
+
+def np_cos(a, c):
+  """torch.cosine_similarity with its eps=1e-8 clamp on the product of norms."""
+  a, c = f64(a), f64(c)
+  return float(a @ c) / max(np.linalg.norm(a) * np.linalg.norm(c), 1e-8)
+
+
+def np_instance_prototypes(norm_fg, feats, labels, tau, mode="thresh"):
+  """Eq. 4 per (image, class): mean of f over the pixels with A_n > tau (and argmax == n)."""
+  b, h, w, k = norm_fg.shape
+  protos, valid = np.zeros((b, k, feats.shape[-1])), np.zeros((b, k), bool)
+  for i in range(b):
+    for n in range(k):
+      acc, area = np.zeros(feats.shape[-1]), 0
+      for y in range(h):
+        for x in range(w):
+          on = norm_fg[i, y, x, n] > tau
+          if mode == "thresh_and_argmax":
+            on = on and int(np.argmax(norm_fg[i, y, x])) == n
+          if on:
+            acc += f64(feats[i, y, x])
+            area += 1
+      if area:
+        protos[i, n] = acc / area
+      valid[i, n] = labels[i, n] > 0 and area > 0
+  return protos, valid
+
+
+def np_select(anchor, centers, center_valid, top_k):
+  """Eq. 6: valid centres sorted by cosine to the anchor; slots past the valid ones are flagged off."""
+  b, k, _ = anchor.shape
+  t = min(top_k, centers.shape[1])
+  idx, ok = np.full((b, k, t), -1), np.zeros((b, k, t), bool)
+  for i in range(b):
+    for n in range(k):
+      cand = [(np_cos(anchor[i, n], centers[n, j]), j) for j in range(centers.shape[1]) if center_valid[n, j]]
+      cand.sort(key=lambda s: -s[0])
+      for slot, (_, j) in enumerate(cand[:t]):
+        idx[i, n, slot], ok[i, n, slot] = j, True
+  return idx, ok
+
+
+def np_score(a, c, metric):
+  a, c = f64(a), f64(c)
+  if metric == "dot":
+    return float(a @ c)
+  if metric == "cos":
+    return np_cos(a, c)
+  if metric == "l1":
+    return -float(np.abs(a - c).sum())
+  return -float(np.sqrt(((a - c) ** 2).sum()))
+
+
+def np_positiveness(anchor, selected, ok, metric, tau_w):
+  """Eq. 7: softmax over the valid neighbours of score / tau_w; 0 for invalid slots."""
+  b, k, t, _ = selected.shape
+  w = np.zeros((b, k, t))
+  for i in range(b):
+    for n in range(k):
+      slots = [s for s in range(t) if ok[i, n, s]]
+      if not slots:
+        continue
+      s = np.array([np_score(anchor[i, n], selected[i, n, j], metric) / tau_w for j in slots])
+      e = np.exp(s - s.max())
+      w[i, n, slots] = e / e.sum()
+  return w
+
+
+def np_alignment_shift(protos, valid, bank_mean, ready):
+  """Eq. 12: xi_n = mu_c^n - mean of the valid p_b^n; 0 if none are valid or the bank is not ready."""
+  b, k, d = protos.shape
+  xi = np.zeros((k, d))
+  for n in range(k):
+    rows = [f64(protos[i, n]) for i in range(b) if valid[i, n]]
+    if rows and ready[n]:
+      xi[n] = f64(bank_mean[n]) - np.mean(rows, axis=0)
+  return xi
+
+
+def np_prototype_cam(feats, selected, weights, shift, gamma):
+  """Eq. 13 with the shifted feature f(i) + gamma xi_n built explicitly per class."""
+  b, h, w, _ = feats.shape
+  k, t = selected.shape[1:3]
+  shift = np.broadcast_to(f64(shift), (b, k, feats.shape[-1]))
+  out = np.zeros((b, h, w, k))
+  for i in range(b):
+    for n in range(k):
+      for y in range(h):
+        for x in range(w):
+          ft = f64(feats[i, y, x]) + gamma * shift[i, n]
+          out[i, y, x, n] = sum(weights[i, n, s] * max(np_cos(ft, selected[i, n, s]), 0.0) for s in range(t))
+  return out
+
+
+def np_self_loss(norm_cam, pacam, loss_mask):
+  b, h, w, c = norm_cam.shape
+  tot = 0.0
+  for i in range(b):
+    for ch in range(c):
+      if loss_mask[i, ch]:
+        tot += np.abs(f64(norm_cam[i, ..., ch]) - f64(pacam[i, ..., ch])).sum()
+  return tot / (b * h * w * c)  # SIPE's L_GSC reduction: every (b, i, c) counts
+
+
+def np_cpal_maps(cam, feats, labels, valid, st, cfg, bg_feature=None, frozen=None):
+  """The CPAL branch composed from the references above (METHOD.md 3.11 steps 2-4).
+
+  st: numpy dict of the CPALState fields. frozen may pin "sel", "w", "xi", "seeds" to values from
+  another call, so a finite difference treats them as the constants the method says they are.
+  Returns the maps and the internals (for freezing).
+  """
+  frozen = frozen or {}
+  cam, feats = f64(cam), f64(feats)
+  b, h, w, _ = feats.shape
+  k = labels.shape[1]
+  mask = np_label_mask(valid, labels)
+  norm_cam = np_norm_cam_with_background(cam) * mask
+  protos, pvalid = np_instance_prototypes(norm_cam[..., 1:], feats, labels, cfg.tau, cfg.mask_mode)
+  ready = st["ready"][:k]
+
+  xi = np.zeros((k, feats.shape[-1]))
+  if cfg.fda:
+    xi = frozen["xi"] if "xi" in frozen else np_alignment_shift(protos, pvalid, st["bank_mean"], st["ready"])
+  shift_anchor = cfg.fda and cfg.fda_target in ("anchor", "both")
+  anchor = protos + cfg.gamma * xi[None] if shift_anchor else protos
+  pix_shift = xi if cfg.fda and cfg.fda_target in ("pixels", "both") else np.zeros_like(xi)
+
+  internals = {"xi": xi}
+  if not cfg.neighbours:
+    selected, wts = anchor[:, :, None], np.ones((b, k, 1))
+  else:
+    top_k = cfg.top_k if cfg.top_k > 0 else st["centers"].shape[1]
+    centers = f64(st["centers"])[:k]
+    idx, ok = frozen["sel"] if "sel" in frozen else np_select(anchor, centers, st["center_valid"][:k], top_k)
+    selected = np.zeros(idx.shape + (feats.shape[-1],))  # invalid slots: zero vectors, weight 0
+    for i in range(b):
+      for n in range(k):
+        for s in range(idx.shape[2]):
+          if ok[i, n, s]:
+            selected[i, n, s] = centers[n, idx[i, n, s]]
+    if "w" in frozen:
+      wts = frozen["w"]
+    elif cfg.positiveness:
+      wts = np_positiveness(anchor, selected, ok, cfg.positiveness_metric, cfg.tau_w)
+    else:
+      wts = ok / np.maximum(ok.sum(-1, keepdims=True), 1)
+    internals.update(sel=(idx, ok), w=wts)
+    if cfg.include_instance_proto:
+      w0 = cfg.instance_weight
+      selected = np.concatenate([selected, anchor[:, :, None]], axis=2)
+      wts = np.concatenate([wts * (1 - w0), np.full((b, k, 1), w0)], axis=-1)
+  wts = wts * pvalid[..., None]
+  usable = np.array([[(ready[n] or not cfg.neighbours) and pvalid[i, n] for n in range(k)] for i in range(b)])
+  fg = np_prototype_cam(feats, selected, wts, pix_shift, cfg.gamma) * usable[:, None, None, :]
+  fg = np_max_normalize(fg * mask[..., 1:])
+
+  if cfg.bg_mode == "sipe_bg":
+    seed_feat = feats if bg_feature is None else bg_feature
+    if "seeds" in frozen:
+      seeds = frozen["seeds"]
+    else:
+      seeds = f64(sipe.structure_seeds(*(jnp.asarray(a, jnp.float32) for a in (norm_cam, seed_feat, mask))))
+    internals["seeds"] = seeds
+    bg = np.zeros((b, h, w, 1))
+    for i in range(b):
+      p_bg = sum(seeds[i, y, x, 0] * feats[i, y, x] for y in range(h) for x in range(w)) / (h * w)
+      for y in range(h):
+        for x in range(w):
+          bg[i, y, x, 0] = max(np_cos(feats[i, y, x], p_bg), 0.0)
+    bg = np_max_normalize(bg) * mask[..., :1]
+  else:
+    bg = (1.0 - fg.max(-1, keepdims=True)) * mask[..., :1]
+  maps = {
+      "norm_cam": norm_cam,
+      "pacam": np.concatenate([bg, fg], axis=-1),
+      "protos": protos,
+      "proto_valid": pvalid,
+      "loss_mask": np.concatenate([np.ones((b, 1), bool), usable], axis=-1),
+  }
+  return maps, internals
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def close(got, want, rtol=1e-5, atol=1e-6):
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=atol)
+
+
+def rand(shape, seed, scale=1.0, offset=0.0):
+  return (offset + scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+
+
+def make_cfg(**kw):
+  cfg = common.cpal_defaults()
+  cfg.top_k = TOP
+  for key, v in kw.items():
+    setattr(cfg, key, v)
+  return cfg
+
+
+def make_inputs(seed=0):
+  """cam, feats, labels, valid: one absent class per image, a present class with an empty mask
+  (image 1, class 2: all-negative CAM) and a padded column in image 2."""
+  cam = rand((B, H, W, K), seed)
+  cam[1, ..., 2] = -1.0
+  feats = rand((B, H, W, D), seed + 1, offset=0.3)  # a shared offset so the cosines are not all ~0
+  labels = np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1]], np.float32)
+  valid = np.ones((B, H, W), np.float32)
+  valid[2, :, -1] = 0
+  return cam, feats, labels, valid
+
+
+def make_state(seed=10, pad_to=1):
+  """Class 0 ready with 6 centres (one invalid), class 1 ready with only 2 valid (< TOP), class 2
+  not ready (no centres); padding rows, if any, empty."""
+  st = cpal.init_state(K, CAPACITY, D, KC, pad_to=pad_to)
+  kp = st.centers.shape[0]
+  centers = rand((kp, KC, D), seed, offset=0.3)
+  cvalid = np.zeros((kp, KC), bool)
+  cvalid[0] = [1, 1, 0, 1, 1, 1]
+  cvalid[1] = [0, 1, 0, 0, 1, 0]
+  ready = np.zeros(kp, bool)
+  ready[:2] = True
+  bank_mean = rand((kp, D), seed + 1, offset=0.3)
+  bank_mean[2:] = 0
+  st = st.replace(
+      centers=jnp.asarray(centers),
+      center_valid=jnp.asarray(cvalid),
+      bank_mean=jnp.asarray(bank_mean),
+      ready=jnp.asarray(ready),
+  )
+  np_st = {"centers": centers, "center_valid": cvalid, "bank_mean": bank_mean, "ready": ready}
+  return st, np_st
+
+
+def run_maps(cam, feats, labels, valid, st, cfg, bg_feature=None):
+  j = lambda a: None if a is None else jnp.asarray(a)
+  return cpal.cpal_maps(j(cam), j(feats), j(labels), j(valid), st, cfg, bg_feature=j(bg_feature))
+
+
+def masked_norm_fg(cam, labels, valid):
+  return (np_norm_cam_with_background(cam) * np_label_mask(valid, labels))[..., 1:]
+
+
+# ------------------------------------------------------------------ Eq. 4: instance prototypes
+
+
+@pytest.mark.parametrize("mode", ["thresh", "thresh_and_argmax"])
+@pytest.mark.parametrize("tau", [0.1, 0.4])
+def test_instance_prototypes(mode, tau):
+  cam, feats, labels, valid = make_inputs(1)
+  norm_fg = masked_norm_fg(cam, labels, valid)
+  protos, pvalid = cpal.instance_prototypes(
+      jnp.asarray(norm_fg, jnp.float32), jnp.asarray(feats), jnp.asarray(labels), tau, mode
+  )
+  want, want_valid = np_instance_prototypes(norm_fg, feats, labels, tau, mode)
+  close(protos, want)
+  np.testing.assert_array_equal(np.asarray(pvalid), want_valid)
+  # Absent classes and the empty mask (image 1, class 2) are invalid zero prototypes.
+  assert not np.asarray(pvalid)[labels == 0].any() and not np.asarray(pvalid)[1, 2]
+  np.testing.assert_array_equal(np.asarray(protos)[~want_valid], 0.0)
+  assert want_valid.sum() >= 4  # the test exercises real prototypes
+
+
+def test_instance_prototypes_argmax_mode_is_subset_and_absent_class_invalid():
+  cam, feats, labels, valid = make_inputs(2)
+  # Unmasked CAM: absent classes have pixels above tau, yet must not give a valid prototype.
+  norm_fg = np_norm_cam_with_background(cam)[..., 1:] * valid[..., None]
+  args = (jnp.asarray(norm_fg, jnp.float32), jnp.asarray(feats), jnp.asarray(labels), 0.1)
+  p_t, v_t = cpal.instance_prototypes(*args, "thresh")
+  p_a, v_a = cpal.instance_prototypes(*args, "thresh_and_argmax")
+  assert not np.asarray(v_t)[labels == 0].any()
+  assert (np.asarray(v_a) <= np.asarray(v_t)).all()
+  close(p_a, np_instance_prototypes(norm_fg, feats, labels, 0.1, "thresh_and_argmax")[0])
+  with pytest.raises(ValueError):
+    cpal.instance_prototypes(*args, "argmax")
+
+
+# ------------------------------------------------------------------ Eq. 6: top-K neighbours
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 6, 20])
+def test_select_neighbours(top_k):
+  anchor = rand((B, K, D), 3)
+  anchor[2, 1] = 0  # an invalid (zero) prototype still gets a well-defined selection
+  centers = rand((K, KC, D), 4)
+  cvalid = np.ones((K, KC), bool)
+  cvalid[0, [1, 4]] = False
+  cvalid[1] = [0, 0, 1, 0, 1, 0]  # 2 valid centres: top-3 must flag its third slot invalid
+  cvalid[2] = False  # no context prototypes at all
+  idx, ok = cpal.select_neighbours(jnp.asarray(anchor), jnp.asarray(centers), jnp.asarray(cvalid), top_k)
+  want_idx, want_ok = np_select(anchor, centers, cvalid, top_k)
+  assert idx.shape == want_idx.shape == (B, K, min(top_k, KC))
+  np.testing.assert_array_equal(np.asarray(ok), want_ok)
+  # Only the valid slots carry meaning; there the ranking must match exactly.
+  np.testing.assert_array_equal(np.where(want_ok, np.asarray(idx), -1), want_idx)
+  # Invalid centres are never selected into a valid slot.
+  picked = np.take_along_axis(np.broadcast_to(cvalid, (B, K, KC)), np.asarray(idx), -1)
+  assert picked[np.asarray(ok)].all()
+
+
+def test_select_neighbours_no_gradient_to_anchor():
+  """Selection is integer-valued: differentiating through top_k on a traced anchor gives finite zeros."""
+  anchor, centers = jnp.asarray(rand((B, K, D), 5)), jnp.asarray(rand((K, KC, D), 6))
+  cvalid = jnp.ones((K, KC), bool)
+
+  def f(a):
+    idx, ok = cpal.select_neighbours(a, centers, cvalid, TOP)
+    sel, ok = cpal.gather_centers(centers, cvalid, idx, ok)
+    return jnp.sum(cpal.positiveness(jax.lax.stop_gradient(a), sel, ok, "dot", 1.0) * jnp.sum(sel, -1))
+
+  g = jax.grad(f)(anchor)
+  assert np.isfinite(np.asarray(g)).all()
+  np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+# ------------------------------------------------------------------ Eq. 7: positiveness
+
+
+def positiveness_inputs(seed):
+  anchor = rand((B, K, D), seed)
+  selected = rand((B, K, TOP, D), seed + 1)
+  ok = np.ones((B, K, TOP), bool)
+  ok[0, 1, 2] = False
+  ok[1, 0, 1:] = False
+  ok[2, 2] = False  # no valid neighbour: all weights 0
+  return anchor, selected, ok
+
+
+@pytest.mark.parametrize("metric", ["dot", "cos", "l1", "l2"])
+@pytest.mark.parametrize("tau_w", [1.0, 0.5])
+def test_positiveness(metric, tau_w):
+  anchor, selected, ok = positiveness_inputs(7)
+  w = cpal.positiveness(jnp.asarray(anchor), jnp.asarray(selected), jnp.asarray(ok), metric, tau_w)
+  want = np_positiveness(anchor, selected, ok, metric, tau_w)
+  close(w, want)
+  np.testing.assert_array_equal(np.asarray(w)[~ok], 0.0)
+  close(np.asarray(w).sum(-1), ok.any(-1).astype(float))
+
+
+@pytest.mark.parametrize("metric", ["dot", "cos", "l1", "l2"])
+def test_positiveness_gradient_flag(metric):
+  """stop_gradient by default; with grad=True, jax.grad matches a float64 central difference."""
+  anchor, selected, ok = positiveness_inputs(8)
+  r = rand((B, K, TOP), 9)
+
+  def f(a, grad):
+    return jnp.sum(r * cpal.positiveness(a, jnp.asarray(selected), jnp.asarray(ok), metric, 0.5, grad=grad))
+
+  a = jnp.asarray(anchor)
+  np.testing.assert_array_equal(np.asarray(jax.grad(f)(a, False)), 0.0)
+  g = np.asarray(jax.grad(f)(a, True))
+  v = rand((B, K, D), 10)
+  ref = lambda x: float(np.sum(r * np_positiveness(x, selected, ok, metric, 0.5)))
+  e = 1e-6
+  fd = (ref(f64(anchor) + e * v) - ref(f64(anchor) - e * v)) / (2 * e)
+  np.testing.assert_allclose(float(np.sum(g * v)), fd, rtol=1e-3, atol=1e-6)
+  assert abs(fd) > 1e-3
+
+
+def test_positiveness_unknown_metric():
+  anchor, selected, ok = positiveness_inputs(11)
+  with pytest.raises(ValueError):
+    cpal.positiveness(jnp.asarray(anchor), jnp.asarray(selected), jnp.asarray(ok), "kl", 1.0)
+
+
+def test_uniform_weights():
+  ok = np.ones((B, K, TOP), bool)
+  ok[0, 0, 1] = False
+  ok[2, 1] = False
+  want = np.zeros(ok.shape)
+  for i in range(B):
+    for n in range(K):
+      if ok[i, n].any():
+        want[i, n] = ok[i, n] / ok[i, n].sum()
+  close(cpal.uniform_weights(jnp.asarray(ok)), want)
+
+
+# ------------------------------------------------------------------ Eq. 12: alignment shift
+
+
+def test_alignment_shift():
+  k = 4
+  protos = rand((B, k, D), 12)
+  pvalid = np.array([[1, 0, 1, 0], [1, 0, 0, 1], [0, 0, 1, 0]], bool)  # class 1 absent from the batch
+  bank_mean = rand((6, D), 13)  # padded class axis
+  ready = np.array([1, 1, 0, 1, 0, 0], bool)  # class 2 present but without a bank
+  xi = cpal.alignment_shift(*(jnp.asarray(a) for a in (protos, pvalid, bank_mean, ready)))
+  want = np_alignment_shift(protos, pvalid, bank_mean, ready)
+  close(xi, want)
+  np.testing.assert_array_equal(np.asarray(xi)[[1, 2]], 0.0)
+  assert np.abs(want[[0, 3]]).min() > 0
+
+  r = rand((k, D), 14)
+  shift = lambda p, m: jnp.sum(r * cpal.alignment_shift(p, jnp.asarray(pvalid), m, jnp.asarray(ready)))
+  g = jax.grad(shift, argnums=(0, 1))(jnp.asarray(protos), jnp.asarray(bank_mean))
+  for gi in g:  # xi is a constant of the step (METHOD.md 3.7)
+    np.testing.assert_array_equal(np.asarray(gi), 0.0)
+
+
+# ------------------------------------------------------------------ Eq. 13: prototype-aware CAM
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("shift_rank", [2, 3])
+def test_prototype_cam(gamma, shift_rank):
+  feats = rand((B, H, W, D), 15, offset=0.2)
+  selected = rand((B, K, TOP, D), 16, offset=0.2)
+  selected[1, 2, 0] = 0  # a zero (padding) slot: cos 0, no NaN
+  weights = np.abs(rand((B, K, TOP), 17))
+  weights[0, 1, 2] = 0
+  shift = rand((K, D) if shift_rank == 2 else (B, K, D), 18, scale=0.7)
+  got = cpal.prototype_cam(*(jnp.asarray(a) for a in (feats, selected, weights, shift)), gamma)
+  assert got.shape == (B, H, W, K)
+  close(got, np_prototype_cam(feats, selected, weights, shift, gamma))
+
+
+def test_prototype_cam_zero_feature():
+  feats = rand((B, H, W, D), 19)
+  feats[0, 0, 0] = 0  # a zero feature with no shift: cos 0 (torch's clamp), finite gradient
+  selected, weights = rand((B, K, TOP, D), 20), np.abs(rand((B, K, TOP), 21))
+  shift = rand((K, D), 22)
+  for gamma, sh in ((1.0, shift), (0.0, np.zeros_like(shift))):
+    close(
+        cpal.prototype_cam(*(jnp.asarray(a) for a in (feats, selected, weights, sh)), gamma),
+        np_prototype_cam(feats, selected, weights, sh, gamma),
+    )
+  sel, wts = jnp.asarray(selected), jnp.asarray(weights)
+  f = lambda x: jnp.sum(cpal.prototype_cam(x, sel, wts, jnp.zeros((K, D)), 1.0))
+  gf = np.asarray(jax.grad(f)(jnp.asarray(feats)))
+  assert np.isfinite(gf).all() and np.abs(gf).max() > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "known float32 limit: prototype_cam's expansion |f+g*xi|^2 = |f|^2 + 2g f.xi + g^2|xi|^2 cancels "
+        "when f(i) ~ -g*xi_n; a relative floor bounds the error (was ~1e2, now 3e-5) but Eq. 13 gives "
+        "exactly 0 there"
+    ),
+)
+def test_prototype_cam_shift_cancelling_the_feature():
+  """f(i) = -gamma xi_n exactly: the shifted feature is 0, so Eq. 13 gives 0 (torch's eps clamp)."""
+  b, d, t = 8, 64, 3  # one pixel per image, a per-image shift [B, 1, D]; D large enough to round
+  xi = rand((b, 1, d), 100, scale=3.0)
+  feats = -xi[:, None]  # [b, 1, 1, d]: negation is exact in float32
+  selected = rand((b, 1, t, d), 101)
+  weights = np.full((b, 1, t), 1.0 / t, np.float32)
+  got = cpal.prototype_cam(*(jnp.asarray(a) for a in (feats, selected, weights, xi)), 1.0)
+  want = np_prototype_cam(feats, selected, weights, xi, 1.0)
+  assert want.max() == 0.0
+  close(got, want)
+
+
+# ------------------------------------------------------------------ gather
+
+
+def test_gather_centers():
+  kp = 4  # padded class axis: only the first K rows are read
+  centers = rand((kp, KC, D), 23)
+  cvalid = np.random.default_rng(24).random((kp, KC)) > 0.3
+  idx = np.random.default_rng(25).integers(0, KC, (B, K, TOP))
+  sel_ok = np.random.default_rng(26).random((B, K, TOP)) > 0.2
+  picked, ok = cpal.gather_centers(*(jnp.asarray(a) for a in (centers, cvalid, idx, sel_ok)))
+  want, want_ok = np.zeros((B, K, TOP, D)), np.zeros((B, K, TOP), bool)
+  for i in range(B):
+    for n in range(K):
+      for s in range(TOP):
+        want[i, n, s] = centers[n, idx[i, n, s]]
+        want_ok[i, n, s] = sel_ok[i, n, s] and cvalid[n, idx[i, n, s]]
+  close(picked, want, rtol=0, atol=0)
+  np.testing.assert_array_equal(np.asarray(ok), want_ok)
+
+
+# ------------------------------------------------------------------ cpal_maps end to end
+
+
+MAP_CASES = {
+    "default": {},
+    "one_minus_max": {"bg_mode": "one_minus_max"},
+    "no_neighbours": {"neighbours": False},
+    "no_positiveness": {"positiveness": False},
+    "no_fda": {"fda": False},
+    "fda_anchor": {"fda_target": "anchor"},
+    "fda_both_half": {"fda_target": "both", "gamma": 0.5},
+    "instance_proto": {"include_instance_proto": True, "instance_weight": 0.3},
+    "cos_metric": {"positiveness_metric": "cos", "tau_w": 0.5},
+    "l2_metric": {"positiveness_metric": "l2"},
+    "all_clusters": {"top_k": 0},
+    "top_k_over_kc": {"top_k": 20},
+    "argmax_mask": {"mask_mode": "thresh_and_argmax", "tau": 0.2},
+}
+
+
+@pytest.mark.parametrize("case", list(MAP_CASES))
+def test_cpal_maps(case):
+  cfg = make_cfg(**MAP_CASES[case])
+  cam, feats, labels, valid = make_inputs(30)
+  st, np_st = make_state()
+  got = run_maps(cam, feats, labels, valid, st, cfg)
+  want, _ = np_cpal_maps(cam, feats, labels, valid, np_st, cfg)
+  for key in ("norm_cam", "pacam", "protos"):
+    close(got[key], want[key], rtol=1e-4, atol=1e-5)
+  for key in ("proto_valid", "loss_mask"):
+    np.testing.assert_array_equal(np.asarray(got[key]), want[key])
+  # The fixture has something on every path: usable classes, an unready one, an empty mask.
+  assert want["loss_mask"][:, 1:].sum() >= 2
+  assert (want["proto_valid"] & ~want["loss_mask"][:, 1:]).any() == cfg.neighbours
+  assert np.abs(want["pacam"][..., 1:]).max() > 0.5
+
+
+def test_cpal_maps_separate_bg_feature():
+  """sipe_bg seeds from bg_feature (x4 in training) while P_bg and the cosines use f."""
+  cfg = make_cfg()
+  cam, feats, labels, valid = make_inputs(31)
+  x4 = rand((B, H, W, 7), 32)
+  st, np_st = make_state(33)
+  got = run_maps(cam, feats, labels, valid, st, cfg, bg_feature=x4)
+  want, _ = np_cpal_maps(cam, feats, labels, valid, np_st, cfg, bg_feature=x4)
+  close(got["pacam"], want["pacam"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flag,value", [("bg_mode", "bank_bg"), ("fda_target", "feats")])
+def test_cpal_maps_unknown_flags(flag, value):
+  cam, feats, labels, valid = make_inputs(34)
+  st, _ = make_state()
+  with pytest.raises(ValueError):
+    run_maps(cam, feats, labels, valid, st, make_cfg(**{flag: value}))
+
+
+def test_cpal_maps_padded_class_axis():
+  """A state padded for sharding (K_pad = 4 > K = 3) gives the same maps as an unpadded one."""
+  cfg = make_cfg()
+  cam, feats, labels, valid = make_inputs(35)
+  st, np_st = make_state(pad_to=4)
+  assert st.centers.shape[0] == 4
+  got = run_maps(cam, feats, labels, valid, st, cfg)
+  want, _ = np_cpal_maps(cam, feats, labels, valid, np_st, cfg)
+  close(got["pacam"], want["pacam"], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ Eq. 14 and gradient routing
+
+
+def test_self_loss():
+  c = K + 1
+  norm_cam = np.abs(rand((B, H, W, c), 40))
+  pacam = np.abs(rand((B, H, W, c), 41))
+  loss_mask = np.array([[1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1]], bool)
+  got = cpal.self_loss(jnp.asarray(norm_cam), jnp.asarray(pacam), jnp.asarray(loss_mask))
+  np.testing.assert_allclose(float(got), np_self_loss(norm_cam, pacam, loss_mask), rtol=1e-6)
+
+
+def loss_and_grads(cam, feats, labels, valid, st, cfg):
+  def loss(c, f, centers, bank_mean):
+    s = st.replace(centers=centers, bank_mean=bank_mean)
+    m = cpal.cpal_maps(c, f, jnp.asarray(labels), jnp.asarray(valid), s, cfg)
+    return cpal.self_loss(m["norm_cam"], m["pacam"], m["loss_mask"])
+
+  args = (jnp.asarray(cam), jnp.asarray(feats), st.centers, st.bank_mean)
+  return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(*args)
+
+
+def ref_directional(cam, feats, labels, valid, np_st, cfg, freeze, dcam, dfeat, e=1e-6):
+  """Central difference of the reference L_self along (dcam, dfeat), with `freeze` internals pinned."""
+  base, internals = np_cpal_maps(cam, feats, labels, valid, np_st, cfg)
+  frozen = {k: internals[k] for k in freeze}
+  lval = lambda s: np_self_loss(
+      **{
+          k: v
+          for k, v in np_cpal_maps(
+              f64(cam) + s * dcam, f64(feats) + s * dfeat, labels, valid, np_st, cfg, frozen=frozen
+          )[0].items()
+          if k in ("norm_cam", "pacam", "loss_mask")
+      }
+  )
+  return np_self_loss(base["norm_cam"], base["pacam"], base["loss_mask"]), (lval(e) - lval(-e)) / (2 * e)
+
+
+@pytest.mark.parametrize("case", ["default", "one_minus_max", "fda_both_half"])
+def test_self_loss_gradient_routing(case):
+  """L_self's gradient reaches the CAM and f; the context prototypes, w and xi are constants
+  (METHOD.md 3.9), so it equals the reference's finite difference with those pinned."""
+  cfg = make_cfg(**MAP_CASES[case])
+  cam, feats, labels, valid = make_inputs(42)
+  st, np_st = make_state(43)
+  val, (g_cam, g_f, g_c, g_mu) = loss_and_grads(cam, feats, labels, valid, st, cfg)
+  np.testing.assert_array_equal(np.asarray(g_c), 0.0)
+  np.testing.assert_array_equal(np.asarray(g_mu), 0.0)
+  assert np.abs(np.asarray(g_cam)).max() > 0 and np.abs(np.asarray(g_f)).max() > 0
+  dcam, dfeat = rand(cam.shape, 44), rand(feats.shape, 45)
+  freeze = ("sel", "w", "xi", "seeds") if cfg.bg_mode == "sipe_bg" else ("sel", "w", "xi")
+  for dc, df in ((dcam, 0 * dfeat), (0 * dcam, dfeat)):
+    want_val, fd = ref_directional(cam, feats, labels, valid, np_st, cfg, freeze, f64(dc), f64(df))
+    np.testing.assert_allclose(float(val), want_val, rtol=1e-5)
+    got = float(np.sum(np.asarray(g_cam) * dc) + np.sum(np.asarray(g_f) * df))
+    np.testing.assert_allclose(got, fd, rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "case,freeze",
+    [
+        ({"neighbours": False}, ("xi", "seeds")),
+        ({"include_instance_proto": True}, ("sel", "w", "xi", "seeds")),
+        ({"positiveness_grad": True}, ("sel", "xi", "seeds")),
+    ],
+    ids=["no_neighbours", "instance_proto", "positiveness_grad"],
+)
+def test_self_loss_gradient_through_instance_prototype(case, freeze):
+  cfg = make_cfg(**case)
+  cam, feats, labels, valid = make_inputs(46)
+  st, np_st = make_state(47)
+  _, (_, g_f, _, _) = loss_and_grads(cam, feats, labels, valid, st, cfg)
+  dfeat = rand(feats.shape, 48)
+  _, fd = ref_directional(cam, feats, labels, valid, np_st, cfg, freeze, 0 * f64(cam), f64(dfeat))
+  np.testing.assert_allclose(float(np.sum(np.asarray(g_f) * dfeat)), fd, rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("bg_mode", ["sipe_bg", "one_minus_max"])
+def test_self_loss_zero_at_cold_start(bg_mode):
+  cfg = make_cfg(bg_mode=bg_mode)
+  cam, feats, labels, valid = make_inputs(49)
+  st = cpal.init_state(K, CAPACITY, D, KC)  # empty banks, nothing ready
+  val, (g_cam, _, _, _) = loss_and_grads(cam, feats, labels, valid, st, cfg)
+  assert float(val) == 0.0 and np.abs(np.asarray(g_cam)).max() == 0.0
+
+
+# ------------------------------------------------------------------ Eq. 5: bank and k-means
+
+
+def test_push_and_recluster():
+  kc, k = 3, 4
+  st = cpal.init_state(k, CAPACITY, D, kc, pad_to=3)  # K_pad = 6: two padding rows
+  rng = np.random.default_rng(50)
+  groups = 10.0 * np.eye(D)[:kc]  # class 0: three far-apart pairs -> three clusters
+  entries = {
+      0: [groups[g] + 0.05 * rng.standard_normal(D) for g in (0, 1, 2, 0, 1, 2)],
+      1: [np.full(D, 0.5)] * 4,  # identical points: one cluster holds them all, two stay empty
+      2: [rng.standard_normal(D) for _ in range(2)],  # fewer than kc: the entries are the centres
+      3: [rng.standard_normal(D)],  # below min_bank_entries
+  }
+  n = 6
+  protos, pvalid = np.zeros((n, k, D), np.float32), np.zeros((n, k), bool)
+  for c, rows in entries.items():
+    for i, row in enumerate(rows):
+      protos[i, c], pvalid[i, c] = row, True
+  protos[~pvalid] = rng.standard_normal((int((~pvalid).sum()), D))  # invalid rows must not enter
+  # Two pushes (images 0-2, then 3-5) as two training steps would.
+  st = cpal.push_prototypes(st, jnp.asarray(protos[:3]), jnp.asarray(pvalid[:3]))
+  st = cpal.push_prototypes(st, jnp.asarray(protos[3:]), jnp.asarray(pvalid[3:]))
+
+  cfg = make_cfg(min_bank_entries=2, kmeans_iters=10)
+  out = cpal.recluster(st, jax.random.key(0), cfg)
+  np.testing.assert_array_equal(np.asarray(out.ready), [1, 1, 1, 0, 0, 0])
+  cv = np.asarray(out.center_valid)
+  np.testing.assert_array_equal(cv[0], [1, 1, 1])
+  assert cv[1].sum() == 1  # only the cluster with points
+  np.testing.assert_array_equal(cv[2], [1, 1, 0])
+  assert not cv[3:].any()
+  centers = np.asarray(out.centers)
+  want0 = np.stack([np.mean([entries[0][i] for i in (g, g + 3)], axis=0) for g in range(kc)])
+  order = [int(np.argmin(np.linalg.norm(want0 - c, axis=1))) for c in centers[0]]
+  assert sorted(order) == [0, 1, 2]
+  close(centers[0], want0[order], rtol=1e-5, atol=1e-5)
+  close(centers[1][cv[1]], [entries[1][0]])
+  close(centers[2][:2], np.stack(entries[2]))
+  want_mean = np.zeros((6, D))
+  for c, rows in entries.items():
+    want_mean[c] = np.mean(rows, axis=0)
+  close(out.bank_mean, want_mean, rtol=1e-5, atol=1e-6)
+
+  # min_bank_entries = 1: the single-entry class becomes ready with that entry as its only centre.
+  out1 = cpal.recluster(st, jax.random.key(0), make_cfg(min_bank_entries=1, kmeans_iters=10))
+  np.testing.assert_array_equal(np.asarray(out1.ready), [1, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(np.asarray(out1.center_valid)[3], [1, 0, 0])
+  close(np.asarray(out1.centers)[3, 0], entries[3][0])
+
+
+def test_bank_mean_after_overflow():
+  """The FIFO keeps the last `capacity` entries; mu_c is their mean (shapes as above: one compile)."""
+  st = cpal.init_state(4, CAPACITY, D, 3, pad_to=3)
+  rows = rand((12, D), 51)
+  pvalid = np.zeros((6, 4), bool)
+  pvalid[:, 1] = True
+  for i in (0, 6):  # 12 entries > capacity 8
+    protos = np.zeros((6, 4, D), np.float32)
+    protos[:, 1] = rows[i : i + 6]
+    st = cpal.push_prototypes(st, jnp.asarray(protos), jnp.asarray(pvalid))
+  out = cpal.recluster(st, jax.random.key(1), make_cfg(min_bank_entries=2, kmeans_iters=10))
+  close(out.bank_mean[1], f64(rows[-CAPACITY:]).mean(0))
+  np.testing.assert_array_equal(np.asarray(out.bank_mean)[[0, 2, 3, 4, 5]], 0.0)
+  np.testing.assert_array_equal(np.asarray(out.ready), [0, 1, 0, 0, 0, 0])
+  assert np.asarray(out.center_valid)[1].all() and not np.asarray(out.center_valid)[[0, 2, 3]].any()
