@@ -18,14 +18,6 @@ from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(_REPO, "configs", "synthetic.py"),
-    "Pipeline config file (get_config()).",
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; overrides config.workdir.")
-
 STAGES = ("train_cam", "eval_cam")
 log = logging.getLogger("cpal_jax.main")
 
@@ -71,23 +63,40 @@ def run(config, workdir: str) -> dict:
   return summary
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(
-        f"unexpected arguments {argv[1:]}; options are --config, --config.<key>=value, --workdir"
-    )
+def setup_logging() -> None:
   # Our progress lines at INFO; the libraries' (orbax, absl, jax) only when something is wrong.
   absl_logging.set_verbosity(absl_logging.WARNING)
-  handler = logging.StreamHandler()
-  handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
   pkg = logging.getLogger("cpal_jax")
-  pkg.addHandler(handler)
+  if not pkg.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    pkg.addHandler(handler)
   pkg.setLevel(logging.INFO)
   pkg.propagate = False
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or config.workdir or os.path.join("runs", "default")
-  run(config, workdir)
+
+
+def define_config_flag(help_text: str):
+  """--config (flags exist only when a module runs as a program, so library imports stay clean)."""
+  return config_flags.DEFINE_config_file(
+      "config", os.path.join(_REPO, "configs", "synthetic.py"), help_text, lock_config=True
+  )
+
+
+def cli() -> None:
+  config_flag = define_config_flag("Pipeline config file (get_config()).")
+  workdir_flag = flags.DEFINE_string("workdir", None, "Run directory; overrides config.workdir.")
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(
+          f"unexpected arguments {argv[1:]}; options are --config, --config.<key>=value, --workdir"
+      )
+    setup_logging()
+    config = config_flag.value
+    run(config, workdir_flag.value or config.workdir or os.path.join("runs", "default"))
+
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli()

@@ -1,0 +1,57 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cpal_jax import ablation
+from cpal_jax import main as cli
+from test_train import tiny_config
+
+
+def test_every_row_resolves_to_a_valid_config():
+  base = tiny_config()
+  for table, rows in ablation.TABLES.items():
+    for rid, _, _, overrides in rows:
+      c = ablation.row_config(base, overrides, seed=3)
+      assert c.seed == 3 and c.method.name in ("cam", "sipe", "cpal"), (table, rid)
+      for key, value in overrides.items():
+        node = c
+        for part in key.split("."):
+          node = node[part]
+        assert node == value, (table, rid, key)
+
+
+def test_table1_rows_differ_as_the_paper_adds_components():
+  rows = {rid: o for rid, _, _, o in ablation.TABLES["1"]}
+  assert rows["II"]["method.cpal.top_k"] == 0 and not rows["II"]["method.cpal.positiveness"]
+  assert "method.cpal.top_k" not in rows["III"] and not rows["III"]["method.cpal.fda"]
+  assert rows["IV"] == {"method.name": "cpal", "method.cpal.self_loss": False}
+  assert rows["V"] == {"method.name": "cpal"}
+
+
+def test_summarize_mean_and_std():
+  md, rows = ablation.summarize("3", {"dot": [40.0, 44.0], "l1": [30.0]})
+  by = {r["row"]: r for r in rows}
+  assert by["dot"]["mean"] == 42.0 and by["dot"]["std"] == pytest.approx(np.std([40, 44], ddof=1))
+  assert by["l1"]["std"] == 0.0 and "cos" not in by
+  assert "| dot | positiveness metric dot | 42.00 +- 2.83 (2) | 62.5 |" in md
+
+
+def test_runs_rows_and_does_not_redo_finished_runs(tmp_path, monkeypatch):
+  base = tiny_config(**{"method.cpal.capacity": 16, "method.cpal.num_clusters": 4, "method.cpal.top_k": 2})
+  base.train.num_steps = 8  # two epochs of 4 steps: k-means runs once, L_self is on for epoch 2
+  results = ablation.run_table(base, "1", [0], str(tmp_path), rows=["I", "V"])
+  assert set(results) == {"I", "V"} and all(np.isfinite(v[0]) for v in results.values())
+  with open(tmp_path / "table1.json") as f:
+    rows = json.load(f)
+  assert [r["row"] for r in rows] == ["I", "V"]
+  summary_v = json.load(open(tmp_path / "table1" / "V" / "seed0" / "summary.json"))
+  assert summary_v["train_cam"]["bank/ready_classes"] > 0  # CPAL really clustered its banks
+
+  def fail(*a, **k):
+    raise AssertionError("a finished run was started again")
+
+  monkeypatch.setattr(cli, "run", fail)
+  again = ablation.run_table(base, "1", [0], str(tmp_path), rows=["I", "V"])
+  assert again == results
