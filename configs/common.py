@@ -2,42 +2,7 @@
 
 import ml_collections
 
-
-def cpal_defaults() -> ml_collections.ConfigDict:
-  """CPAL (METHOD.md section 3). Every reconstructed [I] choice is a flag; see the ablation configs."""
-  p = ml_collections.ConfigDict()
-  p.proj_head = "sipe_hie"  # sipe_hie (F_hie, 768-d for ResNet-50) | conv256 (1x1 conv + ReLU on x4)
-  p.proj_dim = 256  # conv256 only
-  p.tau = 0.1  # Eq. 4 reliability threshold on the max-normalised CAM
-  p.mask_mode = "thresh"  # thresh | thresh_and_argmax
-  p.capacity = 1000  # Eq. 5 bank length per class
-  p.num_clusters = 50  # K_c context prototypes per class
-  p.kmeans_iters = 30
-  p.kmeans_init = "kmeans++"  # kmeans++ | random
-  p.kmeans_metric = "euclidean"  # euclidean | cosine
-  # Cold start: "epoch" = fill the banks in epoch 1, cluster at the start of every later epoch;
-  # "steps" = also re-cluster every recluster_steps while in epoch 1.
-  p.cold_start = "epoch"
-  p.recluster_steps = 200
-  p.min_bank_entries = 1  # a class needs this many bank entries to get context prototypes
-  p.neighbours = True  # Eq. 6 top-K selection (False: the instance prototype alone, Table 2 row 1)
-  p.top_k = 20  # 0 = all K_c (plain context prototypes, Table 1 row II)
-  p.positiveness = True  # Eq. 7 (False: uniform weights over the neighbours)
-  p.positiveness_metric = "dot"  # dot | cos | l1 | l2 (Table 3)
-  p.tau_w = 1.0
-  p.positiveness_grad = False
-  p.fda = True  # Eqs. 8-12 feature distribution alignment
-  p.fda_target = "pixels"  # pixels | anchor | both
-  p.gamma = 1.0
-  p.bg_mode = "sipe_bg"  # sipe_bg | one_minus_max
-  p.include_instance_proto = False
-  p.instance_weight = 0.5  # with include_instance_proto
-  p.self_loss = True  # Eq. 14 (False: Table 1 rows II-IV train with L_BCE only)
-  p.self_weight = 1.0  # beta of Eq. 1
-  p.keep_sipe_gsc = False
-  p.seed_map = "pacam"  # pacam | cam | fused: the map scored as the seed
-  p.fused_lambda = 0.7  # fused = CAM + lambda * PACAM (SFC style)
-  return p
+from cpal_jax.method import cpal
 
 
 def base() -> ml_collections.ConfigDict:
@@ -75,7 +40,7 @@ def base() -> ml_collections.ConfigDict:
   c.method.name = "sipe"  # cam | sipe | cpal
   c.method.cls_weight = 1.0  # alpha of Eq. 1
   c.method.gsc_weight = 1.0  # SIPE's L_GSC (sipe; cpal only with cpal.keep_sipe_gsc)
-  c.method.cpal = cpal_defaults()
+  c.method.cpal = cpal.default_config()
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global, over all devices and processes

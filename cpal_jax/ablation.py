@@ -53,6 +53,7 @@ TABLES = {
     ],
 }
 
+
 def row_config(base, overrides: dict, seed: int):
   c = base.copy_and_resolve_references()
   with c.unlocked():

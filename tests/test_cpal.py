@@ -5,7 +5,6 @@ but the formulas; only SIPE's structure seeds (tested in test_sipe.py) are borro
 background prototype. NHWC throughout, channel 0 of C-channel maps = background.
 """
 
-import common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -245,7 +244,7 @@ def rand(shape, seed, scale=1.0, offset=0.0):
 
 
 def make_cfg(**kw):
-  cfg = common.cpal_defaults()
+  cfg = cpal.default_config()
   cfg.top_k = TOP
   for key, v in kw.items():
     setattr(cfg, key, v)

@@ -120,3 +120,51 @@ def test_changed_model_is_refused_on_resume(straight, tmp_path):
   other = tiny_config(**{"model.backbone": "resnet_small"})
   with pytest.raises(ValueError, match="model.backbone"):
     cam_stage.train(other, workdir)
+
+
+def cpal_config(**overrides):
+  # Epochs of 4 steps: the banks fill in epoch 1, k-means runs at step 4, PACAM and L_self are
+  # live in steps 5-6.
+  small = {
+      "method.name": "cpal",
+      "method.cpal.capacity": 16,
+      "method.cpal.num_clusters": 4,
+      "method.cpal.top_k": 2,
+  }
+  return tiny_config(**{**small, **overrides})
+
+
+def final_state(config, workdir):
+  setup = cam_stage.build(config, sharding.make_mesh(config.mesh.data), config.data.num_train)
+  ckpt = cam_stage.checkpointing.Checkpointer(cam_stage.ckpt_dir(workdir), async_save=False)
+  state, _ = ckpt.restore(ckpt.latest_step(), setup.abstract_state)
+  ckpt.close()
+  return jax.tree.map(np.asarray, state)
+
+
+def test_cpal_resume_keeps_bank_pointers_and_centres(tmp_path):
+  config = cpal_config()
+  cam_stage.train(config, str(tmp_path / "straight"))
+  cam_stage.train(cpal_config(**{"train.stop_at_step": 5}), str(tmp_path / "resumed"))
+  cam_stage.train(config, str(tmp_path / "resumed"))
+  a, b = final_state(config, str(tmp_path / "straight")), final_state(config, str(tmp_path / "resumed"))
+  assert int(a.extra.bank.count[:9].min()) > 0 and bool(a.extra.ready[:9].all())
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_cpal_eight_devices_match_one(tmp_path):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 fake CPU devices (conftest)")
+  states = []
+  for n in (1, 8):
+    cfg = cpal_config(**{"mesh.data": n})
+    cam_stage.train(cfg, str(tmp_path / str(n)))
+    states.append(final_state(cfg, str(tmp_path / str(n))))
+  one, eight = states
+  assert eight.extra.bank.feats.shape[0] == 16  # 9 classes padded to a multiple of 8 devices
+  k = 9
+  np.testing.assert_array_equal(one.extra.bank.count[:k], eight.extra.bank.count[:k])
+  np.testing.assert_array_equal(one.extra.bank.ptr[:k], eight.extra.bank.ptr[:k])
+  np.testing.assert_allclose(one.extra.bank.feats[:k], eight.extra.bank.feats[:k], rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(one.extra.centers[:k], eight.extra.centers[:k], rtol=1e-3, atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), one.params, eight.params)
