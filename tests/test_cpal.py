@@ -1,8 +1,8 @@
 """CPAL (METHOD.md 3, Eqs. 4-14) against plain-numpy float64 references.
 
 The references loop over images, classes, neighbours and pixels and share nothing with the jnp code
-but the formulas; only SIPE's structure seeds (tested in test_sipe.py) are borrowed for the
-background prototype. NHWC throughout, channel 0 of C-channel maps = background.
+but the formulas; SIPE's structure seeds (tested in test_sipe.py) are borrowed for the background
+prototype, and the SIPE numpy references come from test_sipe.py. NHWC throughout, channel 0 of C-channel maps = background.
 """
 
 import jax
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cpal_jax.method import cpal, sipe
+from test_sipe import np_label_mask, np_max_normalize, np_norm_cam_with_background, np_relu
 
 EPS = 1e-5  # SIPE's max-normalisation epsilon
 B, H, W, K, D, KC, TOP = 3, 4, 4, 3, 5, 6, 3  # K foreground classes, KC context prototypes
@@ -22,33 +23,6 @@ CAPACITY = 8
 
 def f64(x):
   return np.asarray(x, np.float64)
-
-
-def np_relu(x):
-  return np.maximum(x, 0.0)
-
-
-def np_max_normalize(x):
-  out = np.empty(x.shape)
-  for b in range(x.shape[0]):
-    for c in range(x.shape[3]):
-      out[b, :, :, c] = x[b, :, :, c] / (x[b, :, :, c].max() + EPS)
-  return out
-
-
-def np_norm_cam_with_background(cam):
-  norm = np_max_normalize(np_relu(f64(cam)))
-  return np.concatenate([1.0 - norm.max(-1, keepdims=True), norm], axis=-1)
-
-
-def np_label_mask(valid, labels):
-  b, h, w = valid.shape
-  out = np.zeros((b, h, w, labels.shape[1] + 1))
-  for n in range(b):
-    out[n, ..., 0] = valid[n]
-    for k in range(labels.shape[1]):
-      out[n, ..., k + 1] = valid[n] * labels[n, k]
-  return out
 
 
 def np_cos(a, c):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpal_jax.data import synthetic
+from cpal_jax.data import palette, synthetic
 from cpal_jax.data.synthetic import SPLITS, SyntheticSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +283,7 @@ def test_render_speed():
 
 
 def test_voc_colormap():
-  cmap = synthetic.voc_colormap()
+  cmap = palette.voc_colormap()
   assert cmap.shape == (256, 3)
   assert cmap[0].tolist() == [0, 0, 0] and cmap[1].tolist() == [128, 0, 0]
   assert cmap[15].tolist() == [192, 128, 128] and cmap[255].tolist() == [224, 224, 192]

@@ -7,23 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cpal_jax.data import palette
 from cpal_jax.data.voc import VOC_CLASSES, VOCSource
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared/data/voc2012_sample"
 
 
 def voc_palette():
-  # The devkit's bitwise colour map (VOCcode/VOClabelcolormap.m).
-  pal = np.zeros((256, 3), np.uint8)
-  for i in range(256):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    pal[i] = (r, g, b)
-  return pal.reshape(-1).tolist()
+  return palette.putpalette_list()
 
 
 def write_xml(path, filename, size, objects):

@@ -55,6 +55,8 @@ import time
 
 import numpy as np
 
+from cpal_jax.data import palette
+
 CLASS_NAMES: tuple[str, ...] = (
     "background",
     "boat",
@@ -544,23 +546,8 @@ class SyntheticSource:
 
 
 # ------------------------------------------------------------ visualising
-def voc_colormap(n: int = 256) -> np.ndarray:
-  """The standard PASCAL VOC bit-interleaved colour map (0 black, 255 = (224, 224, 192))."""
-  cmap = np.zeros((n, 3), np.uint8)
-  for i in range(n):
-    r = g = b = 0
-    c = i
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    cmap[i] = (r, g, b)
-  return cmap
-
-
 def colorize_mask(mask: np.ndarray) -> np.ndarray:
-  return voc_colormap()[mask]
+  return palette.voc_colormap()[mask]
 
 
 def save_grid(
