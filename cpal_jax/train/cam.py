@@ -172,6 +172,8 @@ def train(config, workdir: str) -> dict:
     ckpt.save(stop, state, data_iter, meta)
   ckpt.close()
   writer.close()
+  # Worker processes and their shared memory go now, not at interpreter teardown.
+  data_iter.close()
   secs = time.time() - t0
   fill = objectives.bank_fill(state.extra, config.data.num_classes - 1)
   return {
