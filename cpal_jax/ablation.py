@@ -68,21 +68,41 @@ def row_config(base, overrides: dict, seed: int):
   return c
 
 
+def _mean_std(vals):
+  return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
 def summarize(table: str, results: dict) -> tuple[str, list]:
-  """results: row id -> list of seed mIoUs. Returns (markdown, JSON rows)."""
+  """results: row id -> list of per-seed summaries (summary.json dicts). Returns (markdown, rows).
+
+  Rows scored by a background threshold (plain CAM) show the oracle sweep (t picked on ground
+  truth) and IRN's fixed t=0.15 side by side; argmax rows need no threshold.
+  """
   rows, lines = [], [
-      f"| row | setting | seed mIoU (mean +- std, n) | paper (VOC train) |",
-      "| --- | --- | --- | --- |",
+      "| row | setting | seed mIoU, mean +- std (n) | fixed t=0.15 | oracle t | paper (VOC train) |",
+      "| --- | --- | --- | --- | --- | --- |",
   ]
   for rid, desc, paper, _ in TABLES[table]:
-    vals = results.get(rid)
-    if not vals:
+    runs = results.get(rid)
+    if not runs:
       continue
-    mean, std = float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    rows.append(
-        {"row": rid, "setting": desc, "seed_miou": vals, "mean": mean, "std": std, "paper_voc": paper}
+    vals = [r["seed_miou"] for r in runs]
+    mean, std = _mean_std(vals)
+    fixed = [r["seed_miou_fixed_threshold"]["miou"] for r in runs if r.get("seed_miou_fixed_threshold")]
+    oracle_t = [r["thresholds"]["seed"] for r in runs if (r.get("thresholds") or {}).get("seed") is not None]
+    row = {"row": rid, "setting": desc, "seed_miou": vals, "mean": mean, "std": std, "paper_voc": paper}
+    fixed_txt, t_txt = "-", "-"
+    if fixed:
+      row["fixed_threshold_miou"] = fixed
+      fm, fs = _mean_std(fixed)
+      fixed_txt = f"{fm:.2f} +- {fs:.2f}"
+    if oracle_t:
+      row["oracle_thresholds"] = oracle_t
+      t_txt = ", ".join(f"{t:.2f}" for t in oracle_t)
+    rows.append(row)
+    lines.append(
+        f"| {rid} | {desc} | {mean:.2f} +- {std:.2f} ({len(vals)}) | {fixed_txt} | {t_txt} | {paper} |"
     )
-    lines.append(f"| {rid} | {desc} | {mean:.2f} +- {std:.2f} ({len(vals)}) | {paper} |")
   return "\n".join(lines) + "\n", rows
 
 
@@ -90,7 +110,7 @@ def run_table(base, table: str, seeds: list[int], workdir: str, rows: list[str] 
   from cpal_jax import main as cli
   from cpal_jax import reporting
 
-  results = {}
+  results = {}  # row id -> per-seed summaries
   for rid, _, _, overrides in TABLES[table]:
     if rows and rid not in rows:
       continue
@@ -99,7 +119,7 @@ def run_table(base, table: str, seeds: list[int], workdir: str, rows: list[str] 
       done = reporting.read_summary(run_dir)
       if done.get("seed_miou") is None or "eval_cam" not in (done.get("stage_seconds") or {}):
         done = cli.run(row_config(base, overrides, seed), run_dir)
-      results.setdefault(rid, []).append(done["seed_miou"])
+      results.setdefault(rid, []).append(done)
   md, json_rows = summarize(table, results)
   reporting.atomic_write_text(os.path.join(workdir, f"table{table}.md"), md)
   reporting.atomic_write_text(

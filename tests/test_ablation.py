@@ -31,18 +31,38 @@ def test_table1_rows_differ_as_the_paper_adds_components():
 
 
 def test_summarize_mean_and_std():
-  md, rows = ablation.summarize("3", {"dot": [40.0, 44.0], "l1": [30.0]})
+  md, rows = ablation.summarize(
+      "3", {"dot": [{"seed_miou": 40.0}, {"seed_miou": 44.0}], "l1": [{"seed_miou": 30.0}]}
+  )
   by = {r["row"]: r for r in rows}
   assert by["dot"]["mean"] == 42.0 and by["dot"]["std"] == pytest.approx(np.std([40, 44], ddof=1))
   assert by["l1"]["std"] == 0.0 and "cos" not in by
-  assert "| dot | positiveness metric dot | 42.00 +- 2.83 (2) | 62.5 |" in md
+  assert "| dot | positiveness metric dot | 42.00 +- 2.83 (2) | - | - | 62.5 |" in md
+
+
+def test_summarize_threshold_rows_show_fixed_and_oracle():
+  runs = [
+      {
+          "seed_miou": 45.0,
+          "seed_miou_fixed_threshold": {"t": 0.15, "miou": 36.0},
+          "thresholds": {"seed": 0.44},
+      },
+      {
+          "seed_miou": 47.0,
+          "seed_miou_fixed_threshold": {"t": 0.15, "miou": 38.0},
+          "thresholds": {"seed": 0.40},
+      },
+  ]
+  md, rows = ablation.summarize("1", {"I": runs})
+  assert rows[0]["fixed_threshold_miou"] == [36.0, 38.0] and rows[0]["oracle_thresholds"] == [0.44, 0.40]
+  assert "| 46.00 +- 1.41 (2) | 37.00 +- 1.41 | 0.44, 0.40 | 50.1 |" in md
 
 
 def test_runs_rows_and_does_not_redo_finished_runs(tmp_path, monkeypatch):
   base = tiny_config(**{"method.cpal.capacity": 16, "method.cpal.num_clusters": 4, "method.cpal.top_k": 2})
   base.train.num_steps = 8  # two epochs of 4 steps: k-means runs once, L_self is on for epoch 2
   results = ablation.run_table(base, "1", [0], str(tmp_path), rows=["I", "V"])
-  assert set(results) == {"I", "V"} and all(np.isfinite(v[0]) for v in results.values())
+  assert set(results) == {"I", "V"} and all(np.isfinite(v[0]["seed_miou"]) for v in results.values())
   with open(tmp_path / "table1.json") as f:
     rows = json.load(f)
   assert [r["row"] for r in rows] == ["I", "V"]
