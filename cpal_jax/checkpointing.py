@@ -44,9 +44,6 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict:
     return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def wait(self) -> None:
-    self._mngr.wait_until_finished()
-
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()

@@ -51,9 +51,6 @@ class Schedule:
   num_steps: int
   global_batch: int
 
-  def epoch_of(self, step: int) -> int:
-    return step // self.steps_per_epoch
-
 
 def make_schedule(config, num_images: int) -> Schedule:
   b = config.train.batch_size

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpal_jax import image_ops
+from cpal_jax import image_ops, reporting
 from cpal_jax.data import pipeline
 from cpal_jax.eval import miou
 from cpal_jax.method import cpal, sipe
@@ -137,7 +137,6 @@ def evaluate(config, workdir: str) -> dict:
   predict = make_predict(model, config, config.eval.flip)
   source = pipeline.make_source(config, config.data.eval_split, with_mask=True)
   scorer = SeedScorer(config.data.num_classes, has_background(config), config.eval.threshold_max)
-  from cpal_jax import reporting
 
   bar = reporting.progress(len(source), "eval_cam")
   for _, batch in pipeline.eval_batches(source, config.eval.batch_size, config.eval.pad_multiple):

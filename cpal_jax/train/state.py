@@ -1,4 +1,4 @@
-"""The train state pytree and its creation with explicit shardings."""
+"""The train state pytree and the on-device image normalisation of the train and eval steps."""
 
 from typing import Any
 
