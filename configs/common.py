@@ -68,6 +68,51 @@ def base() -> ml_collections.ConfigDict:
   c.eval.threshold_max = 0.59  # background sweep t in 0.00..threshold_max for maps without bg
   c.eval.cam_threshold = 0.15  # IRN's fixed cam_eval_thres, reported beside the sweep
 
+  # Stage make_cam (METHOD.md 1.3): multi-scale + flip maps of every image of data.train_split,
+  # the split that gets pseudo masks (seeds and masks are scored on data.eval_split, a subset).
+  c.cam = ml_collections.ConfigDict()
+  c.cam.scales = (1.0, 0.5, 1.5, 2.0)
+  c.cam.batch_size = 8  # images per step (each runs with its flip)
+  c.cam.pad_multiple = 64  # inputs padded per bucket so sizes compile once per bucket
+  c.cam.write_npy = False  # also write IRN/SIPE's <id>.npy dict layout for PyTorch tools
+
+  # Stage refine (METHOD.md 1.5): dense CRF ("w/ CRF"), IRN labels, boundary net, random walk.
+  c.refine = ml_collections.ConfigDict()
+  c.refine.mode = "irn"  # irn: CRF labels -> boundary net -> random walk | crf: dense CRF only
+  c.refine.workers = 0  # CRF processes; 0 = all cores
+  c.refine.crf = ml_collections.ConfigDict()  # PSA's probability CRF (the "w/ CRF" column)
+  c.refine.crf.iters = 10
+  c.refine.crf.gauss_sxy = 3
+  c.refine.crf.gauss_compat = 3
+  c.refine.crf.bi_sxy = 80
+  c.refine.crf.bi_srgb = 13
+  c.refine.crf.bi_compat = 10
+  c.refine.ir_label = ml_collections.ConfigDict()  # cam_to_ir_label's label CRF
+  c.refine.ir_label.fg_threshold = 0.30  # IRN variant (maps without background)
+  c.refine.ir_label.bg_threshold = 0.05
+  c.refine.ir_label.bg_scale = 0.5  # SIPE variant: background channel scaled for bg_conf
+  c.refine.ir_label.gt_prob = 0.7
+  c.refine.ir_label.bi_sxy = 50
+  c.refine.ir_label.bi_srgb = 5
+  c.refine.ir_label.iters = 10
+  c.refine.irn = ml_collections.ConfigDict()  # boundary network (METHOD.md 1.5 D3)
+  c.refine.irn.backbone = "resnet50"
+  c.refine.irn.pretrained = ""  # converted ImageNet weights for its frozen backbone
+  c.refine.irn.crop_size = 512
+  c.refine.irn.rescale = (0.5, 1.5)
+  c.refine.irn.batch_size = 32
+  c.refine.irn.epochs = 3
+  c.refine.irn.lr = 0.1
+  c.refine.irn.weight_decay = 1e-4
+  c.refine.irn.momentum = 1e-4  # the same optimiser quirk as the CAM network
+  c.refine.irn.radius = 10  # training pairs on the stride-4 grid
+  c.refine.walk = ml_collections.ConfigDict()  # random walk (METHOD.md 1.5 D4)
+  c.refine.walk.radius = 5
+  c.refine.walk.beta = 10
+  c.refine.walk.exp_times = 8
+  c.refine.walk.bg_threshold = 0.25  # sem_seg_bg_thres for maps without background
+  c.refine.walk.bg_power = 1.5  # SIPE: cam ** 1.5 on the map's own background channel
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis; -1 = all
 
