@@ -3,7 +3,7 @@
   python -m cpal_jax.ablation --table=1 --seeds=0,1,2 --workdir=runs/ablation
   python -m cpal_jax.ablation --table=2 --config=configs/synthetic.py --config.train.epochs=6
 
-Every (row, seed) is a normal pipeline run (train_cam, eval_cam) in workdir/table<T>/<row>/seed<s>,
+Every (row, seed) is a normal pipeline run (train_cam, make_cam, eval_cam) in workdir/table<T>/<row>/seed<s>,
 so an interrupted ablation resumes where it stopped and finished runs are not redone. Writes
 table<T>.md and table<T>.json: seed mIoU mean +- std per row next to the paper's VOC figure.
 """
@@ -64,7 +64,8 @@ def row_config(base, overrides: dict, seed: int):
         node = node[p]
       node[last] = value
     c.seed = seed
-    c.stages = "train_cam,eval_cam"
+    c.stages = "train_cam,make_cam,eval_cam"
+    c.cam.split = c.data.eval_split  # seeds are scored there; no pseudo masks needed
   return c
 
 

@@ -57,3 +57,30 @@ def resize_nearest(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
   if (h, w) == tuple(size):
     return x
   return x[:, index(h, size[0])][:, :, index(w, size[1])]
+
+
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] float32 weights of `F.interpolate(mode='bilinear', align_corners=False)` along
+  one axis (torch clamps source positions below 0, and uses in/out as the scale)."""
+  scale = n_in / n_out
+  src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = src - lo
+  m = np.zeros((n_out, n_in), np.float64)
+  np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(n_out), hi), frac)
+  return m.astype(np.float32)
+
+
+def resize_bilinear_host(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Host (numpy) bilinear resize of [K, H, W] maps, align_corners=False.
+
+  Per-image map sizes vary on real data; on the host they cost no compilation per size.
+  """
+  h, w = x.shape[-2:]
+  if (h, w) == tuple(size):
+    return np.asarray(x, np.float32)
+  return np.einsum(
+      "yh,khw,xw->kyx", bilinear_matrix(h, size[0]), x, bilinear_matrix(w, size[1]), optimize=True
+  )

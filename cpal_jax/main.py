@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-STAGES = ("train_cam", "eval_cam")
+STAGES = ("train_cam", "make_cam", "eval_cam")
 log = logging.getLogger("cpal_jax.main")
 
 
@@ -36,8 +36,11 @@ def run(config, workdir: str) -> dict:
   """Runs config.stages on workdir; returns the merged summary."""
   from cpal_jax import reporting
   from cpal_jax.eval import seed as seed_eval
+  from cpal_jax.infer import cam as make_cam
   from cpal_jax.parallel import distributed
   from cpal_jax.train import cam as cam_stage
+
+  runners = {"train_cam": cam_stage.train, "make_cam": make_cam.run, "eval_cam": seed_eval.evaluate}
 
   stages = parse_stages(config.stages)
   distributed.initialize(config)
@@ -50,11 +53,7 @@ def run(config, workdir: str) -> dict:
   for stage in stages:
     t0 = time.time()
     log.info("stage %s -> %s", stage, workdir)
-    if stage == "train_cam":
-      updates = cam_stage.train(config, workdir)
-    else:
-      updates = seed_eval.evaluate(config, workdir)
-      updates.pop("_seconds", None)
+    updates = runners[stage](config, workdir)
     updates["stage_seconds"] = {stage: round(time.time() - t0, 1)}
     summary = reporting.update_summary(workdir, **updates)
   if distributed.is_main():

@@ -2,6 +2,14 @@ import numpy as np
 
 from cpal_jax.eval import miou
 from cpal_jax.eval.seed import SeedScorer
+from cpal_jax.infer.cam import channel_keys
+
+
+def _add(scorer, maps, gt, label):
+  """Stores the present channels as make_cam does, then scores them."""
+  keys = channel_keys(label, scorer.has_bg)
+  channels = keys if scorer.has_bg else keys - 1
+  scorer.add(np.moveaxis(maps[..., channels], -1, 0), keys, gt)
 
 
 def _random_case(rng, c=5, h=7, w=9):
@@ -21,7 +29,7 @@ def test_threshold_sweep_matches_brute_force():
   # Put some scores exactly on thresholds: the background plane wins ties (np.argmax picks it).
   cases[0][0][0, 0, np.flatnonzero(cases[0][2])[0]] = 0.3
   for m, g, l in cases:
-    scorer.add(m, g, l)
+    _add(scorer, m, g, l)
   sweep = scorer.sweep()
   for k, t in enumerate(scorer.thresholds):
     conf = np.zeros((c, c), np.int64)
@@ -45,7 +53,7 @@ def test_argmax_with_background_channel_only_over_present_classes():
   maps[0, 1, 3] = 0.9  # absent class: must not be predicted
   label = np.array([1, 0, 0], np.float32)
   gt = np.array([[1, 0], [0, 255]])
-  scorer.add(maps, gt, label)
+  _add(scorer, maps, gt, label)
   expected = miou.confusion(gt, np.array([[1, 0], [0, 0]]), c)
   np.testing.assert_array_equal(scorer.conf, expected)
   res = scorer.result(["bg", "a", "b", "c"], 0.15)
@@ -57,7 +65,7 @@ def test_trivial_baselines():
   scorer = SeedScorer(c, has_background=True)
   gt = np.array([[0, 2], [2, 2]])
   label = np.array([0, 1], np.float32)
-  scorer.add(np.zeros((2, 2, c), np.float32), gt, label)
+  _add(scorer, np.zeros((2, 2, c), np.float32), gt, label)
   res = scorer.result(["bg", "a", "b"], 0.15)
   # all background: bg IoU 1/4, class b IoU 0 -> mean over bg and b = 12.5
   assert res["baselines"]["all_background"] == 12.5

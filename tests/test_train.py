@@ -72,7 +72,7 @@ def test_cli_run_writes_summary_and_artifacts(straight):
   assert np.isfinite(summary["seed_miou"]) and 0 <= summary["seed_miou"] <= 100
   assert summary["crf_miou"] is None  # the stage has not run
   assert summary["train_cam"]["steps"] == STEPS and np.isfinite(summary["train_cam"]["final_loss"])
-  assert set(summary["stage_seconds"]) == {"train_cam", "eval_cam"}
+  assert set(summary["stage_seconds"]) == {"train_cam", "make_cam", "eval_cam"}
   assert os.listdir(os.path.join(workdir, "cam", "tb"))
   assert os.path.exists(os.path.join(workdir, "config.json"))
 

@@ -1,4 +1,4 @@
-"""Stage eval_cam (single scale): seed masks from the trained CAM network, scored by mIoU.
+"""Stage eval_cam: the seed maps make_cam wrote, scored by mIoU on data.eval_split.
 
 Maps with their own background channel (SIPE's IS-CAM) are scored by argmax; foreground-only maps
 (plain CAM) by a background threshold t swept over 0.00..0.59 (oracle: it uses GT, so the chosen t
@@ -8,59 +8,12 @@ are scored on the same pixels so the figure has a floor to be read against.
 
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cpal_jax import image_ops, reporting
+from cpal_jax import reporting
 from cpal_jax.data import pipeline
 from cpal_jax.eval import miou
-from cpal_jax.method import cpal, sipe
-from cpal_jax.models import cam_net
-from cpal_jax.parallel import sharding
-from cpal_jax.train import cam as cam_stage
-from cpal_jax.train import state as state_lib
-
-
-def has_background(config) -> bool:
-  """Whether the scored map carries its own background channel (else a threshold sweep)."""
-  m = config.method
-  return m.name == "sipe" or (m.name == "cpal" and m.cpal.seed_map in ("pacam", "fused"))
-
-
-def make_predict(model, config, flip: bool):
-  """Jitted (variables, extra, batch) -> seed maps [B, H, W, K] at the padded input size,
-  max-normalised over the valid region: K = C with background, or C-1 foreground channels."""
-  m = config.method
-
-  def forward(variables, images):
-    out = model.apply(variables, images)
-    if flip:
-      o2 = model.apply(variables, images[:, :, ::-1])
-      out = {k: v + o2[k][:, :, ::-1] if v.ndim == 4 else v for k, v in out.items()}
-    return out
-
-  def predict(variables, extra, batch):
-    images = state_lib.normalize_images(batch["image"], batch["valid"])
-    out = forward(variables, images)
-    cam, hie = out["cam"], out["hie"]
-    labels = batch["label"].astype(jnp.float32)
-    h, w = cam.shape[1:3]
-    valid_lo = image_ops.resize_nearest(batch["valid"].astype(jnp.float32)[..., None], (h, w))[..., 0]
-    if m.name == "sipe":
-      mask = sipe.label_mask(valid_lo, labels)
-      maps = sipe.sipe_maps(cam, hie, hie, mask, mask_cam=False)["is_cam"]
-    elif m.name == "cpal" and m.cpal.seed_map in ("pacam", "fused"):
-      feats = cam_net.projected_features(config, out)
-      r = cpal.cpal_maps(cam, feats, labels, valid_lo, extra, m.cpal, bg_feature=hie)
-      maps = r["pacam"] if m.cpal.seed_map == "pacam" else r["norm_cam"] + m.cpal.fused_lambda * r["pacam"]
-    else:
-      maps = jax.nn.relu(cam) * labels[:, None, None, :]
-    maps = image_ops.resize_bilinear(maps, batch["image"].shape[1:3])
-    maps = maps * batch["valid"][..., None].astype(maps.dtype)
-    return sipe.max_normalize(maps)
-
-  return jax.jit(predict)
+from cpal_jax.infer import cam as infer_cam
 
 
 class SeedScorer:
@@ -76,23 +29,23 @@ class SeedScorer:
     self.conf = np.zeros((num_classes, num_classes), np.int64)
     self.trivial = {"all_background": np.zeros_like(self.conf), "label_fill": np.zeros_like(self.conf)}
 
-  def add(self, maps: np.ndarray, gt: np.ndarray, label: np.ndarray) -> None:
-    """maps [H, W, K] for one image (cropped to its size); gt [H, W]; label [C-1] multi-hot."""
-    present = np.flatnonzero(label > 0) + 1
+  def add(self, scores: np.ndarray, keys: np.ndarray, gt: np.ndarray) -> None:
+    """One image: scores [K, H, W] of the channels `keys` (class ids; background 0 first where the
+    map has it, else the present foreground classes); gt [H, W]."""
+    keys = np.asarray(keys, np.int64)
+    fg_keys = keys[keys > 0]
     if self.has_bg:
-      keys = np.concatenate([[0], present])
-      pred = keys[np.argmax(maps[..., keys], axis=-1)]
+      pred = keys[np.argmax(scores, axis=0)]
       self.conf += miou.confusion(gt, pred, self.c)
     else:
-      fg = maps[..., present - 1]
-      cls = present[np.argmax(fg, axis=-1)] if len(present) else np.zeros(gt.shape, np.int64)
-      top = fg.max(-1) if len(present) else np.zeros(gt.shape)
+      cls = fg_keys[np.argmax(scores, axis=0)] if len(fg_keys) else np.zeros(gt.shape, np.int64)
+      top = scores.max(0) if len(fg_keys) else np.zeros(gt.shape)
       bins = np.searchsorted(self.thresholds, top, side="left")  # thresholds strictly below top
       keep = gt != miou.IGNORE
       idx = (bins[keep] * self.c + gt[keep]) * self.c + cls[keep]
       self.hist += np.bincount(idx, minlength=self.hist.size).reshape(self.hist.shape)
     self.trivial["all_background"] += miou.confusion(gt, np.zeros_like(gt), self.c)
-    fill = present[0] if len(present) else 0
+    fill = fg_keys[0] if len(fg_keys) else 0
     self.trivial["label_fill"] += miou.confusion(gt, np.full_like(gt, fill), self.c)
 
   def sweep(self) -> list[np.ndarray]:
@@ -130,30 +83,27 @@ class SeedScorer:
 
 
 def evaluate(config, workdir: str) -> dict:
-  """Scores single-scale seeds of the final CAM checkpoint on data.eval_split."""
+  """Scores the make_cam maps (high_res) of data.eval_split; every id there needs its map file."""
   t0 = time.time()
-  mesh = sharding.make_mesh(config.mesh.data)
-  model, variables, extra, step = cam_stage.load_params(config, workdir, mesh)
-  predict = make_predict(model, config, config.eval.flip)
   source = pipeline.make_source(config, config.data.eval_split, with_mask=True)
-  scorer = SeedScorer(config.data.num_classes, has_background(config), config.eval.threshold_max)
-
+  scorer = SeedScorer(config.data.num_classes, infer_cam.has_background(config), config.eval.threshold_max)
   bar = reporting.progress(len(source), "eval_cam")
-  for _, batch in pipeline.eval_batches(source, config.eval.batch_size, config.eval.pad_multiple):
-    keep = batch.pop("keep")
-    inputs = {k: batch[k] for k in ("image", "valid", "label")}
-    maps = np.asarray(jax.device_get(predict(variables, extra, inputs)))
-    for i in np.flatnonzero(keep):
-      h, w = batch["size"][i]
-      scorer.add(maps[i, :h, :w], batch["mask"][i, :h, :w], batch["label"][i])
-    bar.update(int(keep.sum()))
+  for i in range(len(source)):
+    el = source[i]
+    maps = infer_cam.load_maps(infer_cam.map_path(workdir, el["id"]))
+    if maps["high_res"].shape[1:] != el["mask"].shape:
+      raise ValueError(
+          f"CAM file {infer_cam.map_path(workdir, el['id'])} is {maps['high_res'].shape[1:]} but the image is "
+          f"{el['mask'].shape}: it comes from other data; delete {infer_cam.maps_dir(workdir)} and re-run make_cam"
+      )
+    scorer.add(maps["high_res"], maps["keys"], el["mask"])
+    bar.update(1)
   bar.close()
   result = scorer.result(source.class_names, config.eval.cam_threshold)
   result["eval_cam"] = {
-      "checkpoint_step": step,
       "images": len(source),
       "split": config.data.eval_split,
-      "protocol": "single-scale" + (" + flip" if config.eval.flip else ""),
+      "protocol": f"scales {list(config.cam.scales)} + flip",
+      "seconds": round(time.time() - t0, 1),
   }
-  result["_seconds"] = time.time() - t0
   return result

@@ -1,0 +1,217 @@
+"""Stage make_cam: multi-scale + flip seed maps of every image, one compressed file each (METHOD.md 1.3).
+
+For each scale s the image is PIL-bicubic rescaled to (round(H*s), round(W*s)) and run together with
+its horizontal flip; the two maps are summed after flipping the second back. The per-scale maps are
+upsampled (bilinear, align_corners=False) to the image size and to the stride-4 grid the random
+walk runs on, summed over scales, restricted to the present classes and max-normalised per channel.
+
+Which map is the seed depends on the method: SIPE's IS-CAM and CPAL's PACAM (or CAM + lambda*PACAM)
+carry their own background channel and are max-normalised per scale as SIPE's inference does; the
+plain CAM (cam, ppc, and cpal with seed_map=cam) is ReLU(classifier) without background and without
+per-scale normalisation, as IRN.
+
+Inputs are padded (bottom/right) to a multiple of cam.pad_multiple, so the jitted predictor compiles
+once per size bucket instead of once per image; the maps are cropped back to the valid cells. Files
+are written atomically and existing ones are skipped, so an interrupted run resumes where it stopped.
+Each process labels its own share of the images with its local devices.
+"""
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from cpal_jax import image_ops, reporting
+from cpal_jax.data import pipeline
+from cpal_jax.method import cpal, sipe
+from cpal_jax.models import cam_net
+from cpal_jax.parallel import sharding
+from cpal_jax.train import cam as cam_stage
+from cpal_jax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+
+def has_background(config) -> bool:
+  """Whether the seed map carries its own background channel (else a background threshold)."""
+  m = config.method
+  return m.name == "sipe" or (m.name == "cpal" and m.cpal.seed_map in ("pacam", "fused"))
+
+
+def maps_dir(workdir: str) -> str:
+  return os.path.join(workdir, "cam", "maps")
+
+
+def map_path(workdir: str, image_id: str) -> str:
+  return os.path.join(maps_dir(workdir), f"{image_id}.npz")
+
+
+def make_predict(model, config):
+  """Jitted (variables, extra, batch) -> seed maps [B, h, w, K] at feature resolution, flip-summed.
+
+  K = C with background first, or the C-1 foreground channels; absent classes and padded cells are 0.
+  """
+  m = config.method
+  with_bg = has_background(config)
+
+  def maps_of(out, labels, valid_lo, extra):
+    cam, hie = out["cam"], out["hie"]
+    if m.name == "sipe":
+      mask = sipe.label_mask(valid_lo, labels)
+      return sipe.sipe_maps(cam, hie, hie, mask, mask_cam=False)["is_cam"] * mask
+    if with_bg:  # cpal with seed_map pacam | fused
+      feats = cam_net.projected_features(config, out)
+      r = cpal.cpal_maps(cam, feats, labels, valid_lo, extra, m.cpal, bg_feature=hie)
+      if m.cpal.seed_map == "pacam":
+        return r["pacam"]
+      return sipe.max_normalize(r["norm_cam"] + m.cpal.fused_lambda * r["pacam"])
+    return jax.nn.relu(cam) * labels[:, None, None, :] * valid_lo[..., None]
+
+  def predict(variables, extra, batch):
+    b = batch["image"].shape[0]
+    images = state_lib.normalize_images(batch["image"], batch["valid"])
+    both = jnp.concatenate([images, images[:, :, ::-1]], axis=0)
+    out = model.apply(variables, both)
+    h, w = out["cam"].shape[1:3]
+    valid = batch["valid"].astype(jnp.float32)[..., None]
+    valid = jnp.concatenate([valid, valid[:, :, ::-1]], axis=0)
+    valid_lo = image_ops.resize_nearest(valid, (h, w))[..., 0]
+    labels = batch["label"].astype(jnp.float32)
+    maps = maps_of(out, jnp.concatenate([labels, labels], axis=0), valid_lo, extra)
+    if with_bg:
+      maps = sipe.max_normalize(maps)  # per view and scale, as SIPE's forward
+    return maps[:b] + maps[b:, :, ::-1]
+
+  return jax.jit(predict)
+
+
+def rescale(image: np.ndarray, scale: float) -> np.ndarray:
+  """PIL bicubic rescale to (round(H*s), round(W*s)), as IRN's pil_rescale(order=3)."""
+  if scale == 1.0:
+    return image
+  h, w = image.shape[:2]
+  size = (int(np.round(w * scale)), int(np.round(h * scale)))
+  return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+
+
+def _padded_batch(images: list[np.ndarray], labels: np.ndarray, multiple: int, batch_size: int) -> dict:
+  hmax = max(im.shape[0] for im in images)
+  wmax = max(im.shape[1] for im in images)
+  hp, wp = -(-hmax // multiple) * multiple, -(-wmax // multiple) * multiple
+  img = np.zeros((batch_size, hp, wp, 3), np.uint8)
+  valid = np.zeros((batch_size, hp, wp), np.uint8)
+  lab = np.zeros((batch_size, labels.shape[1]), np.float32)
+  for i in range(batch_size):
+    src = images[min(i, len(images) - 1)]
+    img[i, : src.shape[0], : src.shape[1]] = src
+    valid[i, : src.shape[0], : src.shape[1]] = 1
+    lab[i] = labels[min(i, len(images) - 1)]
+  return {"image": img, "valid": valid, "label": lab}
+
+
+def fuse_scales(per_scale: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+  """Sum of per-scale maps [K, h_s, w_s] upsampled to `size` (bilinear, align_corners=False)."""
+  return sum(image_ops.resize_bilinear_host(m, size) for m in per_scale)
+
+
+def normalise(maps: np.ndarray) -> np.ndarray:
+  """Per-channel max normalisation, as the reference code: x / (max + 1e-5)."""
+  return maps / (maps.reshape(maps.shape[0], -1).max(1)[:, None, None] + 1e-5)
+
+
+def channel_keys(label: np.ndarray, with_bg: bool) -> np.ndarray:
+  """Class ids of the stored channels: present classes, background (0) first where it has one."""
+  present = np.flatnonzero(label > 0) + 1
+  return np.concatenate([[0], present]) if with_bg else present
+
+
+def write_maps(path: str, keys: np.ndarray, high_res: np.ndarray, cam: np.ndarray, npy_layout: bool) -> None:
+  """Atomic compressed write: keys (class ids), high_res [K, H, W], cam [K, ceil(H/4), ceil(W/4)]."""
+  tmp = path + ".tmp.npz"
+  np.savez_compressed(
+      tmp, keys=keys.astype(np.int16), high_res=high_res.astype(np.float16), cam=cam.astype(np.float16)
+  )
+  os.replace(tmp, path)
+  if npy_layout:
+    # IRN/SIPE's pickled dict: IRN keys are 0-based foreground indices, SIPE's keep 0 = background.
+    irn_keys = keys if (len(keys) and keys[0] == 0) else keys - 1
+    npy = os.path.splitext(path)[0] + ".npy"
+    tmp = npy + ".tmp.npy"
+    np.save(tmp, {"keys": irn_keys, "cam": cam.astype(np.float32), "high_res": high_res.astype(np.float32)})
+    os.replace(tmp, npy)
+
+
+def load_maps(path: str) -> dict:
+  """keys, high_res and cam (float32) of one make_cam file."""
+  try:
+    with np.load(path) as f:
+      return {
+          "keys": f["keys"].astype(np.int64),
+          "high_res": f["high_res"].astype(np.float32),
+          "cam": f["cam"].astype(np.float32),
+      }
+  except FileNotFoundError:
+    raise FileNotFoundError(
+        f"no CAM file {path}: run the make_cam stage first (--config.stages=make_cam,...)"
+    )
+  except Exception as e:  # a truncated or foreign file
+    raise ValueError(f"CAM file {path} is unreadable ({e}); delete it and re-run the make_cam stage") from e
+
+
+def _local_mesh(config):
+  n = config.mesh.data if config.mesh.data not in (-1, 0) else jax.local_device_count()
+  return jax.sharding.Mesh(np.asarray(jax.local_devices()[:n]), (sharding.DATA,))
+
+
+def run(config, workdir: str) -> dict:
+  """Writes workdir/cam/maps/<id>.npz for every image of config.cam.split (default
+  data.train_split) not written yet; returns summary updates."""
+  t0 = time.time()
+  split = config.cam.split or config.data.train_split
+  source = pipeline.make_source(config, split)
+  ids = source.ids()
+  mine = list(range(jax.process_index(), len(source), jax.process_count()))
+  os.makedirs(maps_dir(workdir), exist_ok=True)
+  todo = [i for i in mine if not os.path.exists(map_path(workdir, ids[i]))]
+  summary = {"make_cam": {"split": split, "images": len(source), "scales": list(config.cam.scales)}}
+  if not todo:
+    log.info("make_cam: all %d maps of %s exist in %s", len(mine), split, maps_dir(workdir))
+    return summary
+
+  mesh = _local_mesh(config)
+  model, variables, extra, step = cam_stage.load_params(config, workdir, mesh)
+  predict = make_predict(model, config)
+  with_bg = has_background(config)
+  n_dev = mesh.shape[sharding.DATA]
+  batch_size = -(-config.cam.batch_size // n_dev) * n_dev
+  batch_sharding = sharding.batch_sharded(mesh)
+
+  bar = reporting.progress(len(mine), "make_cam", initial=len(mine) - len(todo))
+  for start in range(0, len(todo), batch_size):
+    chunk = [source[i] for i in todo[start : start + batch_size]]
+    labels = np.stack([el["label"] for el in chunk]).astype(np.float32)
+    per_scale: list[list[np.ndarray]] = [[] for _ in chunk]
+    for s in config.cam.scales:
+      scaled = [rescale(el["image"], s) for el in chunk]
+      batch = _padded_batch(scaled, labels, config.cam.pad_multiple, batch_size)
+      batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+      maps = np.asarray(jax.device_get(predict(variables, extra, batch)))  # [B, hf, wf, K]
+      stride = batch["image"].shape[1] // maps.shape[1]
+      for j, im in enumerate(scaled):
+        hv, wv = -(-im.shape[0] // stride), -(-im.shape[1] // stride)
+        per_scale[j].append(np.moveaxis(maps[j, :hv, :wv], -1, 0))
+    for j, el in enumerate(chunk):
+      h, w = el["image"].shape[:2]
+      keys = channel_keys(el["label"], with_bg)
+      channels = keys if with_bg else keys - 1
+      high_res = normalise(fuse_scales([m[channels] for m in per_scale[j]], (h, w)))
+      strided = normalise(fuse_scales([m[channels] for m in per_scale[j]], (-(-h // 4), -(-w // 4))))
+      write_maps(map_path(workdir, el["id"]), keys, high_res, strided, config.cam.write_npy)
+    bar.update(len(chunk))
+  bar.close()
+  summary["make_cam"].update(checkpoint_step=step, written=len(todo), seconds=round(time.time() - t0, 1))
+  return summary

@@ -1,0 +1,146 @@
+"""make_cam: host resizes, flip/scale fusion on a model with known outputs, files, resume; eval_cam
+reading them."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from cpal_jax import image_ops
+from cpal_jax import main as cli
+from cpal_jax.eval import seed as seed_eval
+from cpal_jax.infer import cam as infer_cam
+from test_train import tiny_config
+
+
+@pytest.mark.parametrize("size", [(12, 20), (4, 5), (7, 9), (3, 13)])
+def test_host_bilinear_matches_torch(size):
+  x = np.random.default_rng(0).random((3, 7, 9)).astype(np.float32)
+  ref = torch.nn.functional.interpolate(torch.from_numpy(x)[None], size, mode="bilinear", align_corners=False)
+  np.testing.assert_allclose(image_ops.resize_bilinear_host(x, size), ref[0].numpy(), atol=1e-6)
+
+
+class _PoolModel:
+  """Stand-in CAM network: the CAM is the 4x4-average-pooled red channel, repeated per class, with
+  a per-class gain; flip-equivariant, so flip-summing must give twice the map of the image."""
+
+  gains = jnp.array([1.0, -1.0, 2.0])
+
+  def apply(self, variables, x):
+    b, h, w, _ = x.shape
+    pooled = x[..., :1].reshape(b, h // 4, 4, w // 4, 4, 1).mean((2, 4))
+    cam = pooled * self.gains
+    return {"cam": cam, "hie": jnp.zeros((b, h // 4, w // 4, 2)), "score": cam.mean((1, 2))}
+
+
+def test_predict_flip_sum_and_label_mask_on_known_model():
+  config = tiny_config(**{"method.name": "cam"})
+  predict = infer_cam.make_predict(_PoolModel(), config)
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 255, (2, 16, 24, 3)).astype(np.uint8)
+  valid = np.ones((2, 16, 24), np.uint8)
+  label = np.zeros((2, 9), np.float32)
+  label[:, [0, 2]] = 1  # class 2 (gain -1) is absent anyway; its ReLU would be 0 too
+  label = label[:, :3]
+  out = np.asarray(predict({}, None, {"image": image, "valid": valid, "label": label}))
+  from cpal_jax.train.state import normalize_images
+
+  norm = np.asarray(normalize_images(jnp.asarray(image), jnp.asarray(valid)))
+  pooled = norm[..., 0].reshape(2, 4, 4, 6, 4).mean((2, 4))
+  expected = 2 * np.maximum(pooled[..., None] * np.array([1.0, -1.0, 2.0]), 0) * label[:, None, None, :]
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_sums_scales_at_image_size_then_normalises():
+  a = np.full((2, 3, 4), 0.5, np.float32)
+  b = np.full((2, 6, 8), 1.5, np.float32)
+  b[1] = 3.0
+  fused = infer_cam.fuse_scales([a, b], (12, 16))
+  np.testing.assert_allclose(fused[0], 2.0)
+  np.testing.assert_allclose(fused[1], 3.5)
+  norm = infer_cam.normalise(fused)
+  np.testing.assert_allclose(norm.max((1, 2)), 1.0, atol=1e-4)
+
+
+def test_rescale_rounds_like_irn():
+  im = np.zeros((375, 500, 3), np.uint8)
+  assert infer_cam.rescale(im, 0.5).shape == (188, 250, 3)
+  assert infer_cam.rescale(im, 1.5).shape == (562, 750, 3)  # round half to even, as np.round
+  assert infer_cam.rescale(im, 1.0) is im
+
+
+@pytest.fixture(scope="module")
+def sipe_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("make_cam"))
+  config = tiny_config(**{"train.num_steps": 2, "cam.scales": (1.0, 0.5, 1.5), "cam.write_npy": True})
+  summary = cli.run(config, workdir)
+  return config, workdir, summary
+
+
+def test_files_hold_present_classes_with_background(sipe_run):
+  config, workdir, summary = sipe_run
+  from cpal_jax.data import pipeline
+
+  source = pipeline.make_source(config, config.data.train_split)
+  assert summary["make_cam"]["written"] == len(source) == len(os.listdir(infer_cam.maps_dir(workdir))) // 2
+  for i in (0, 5):
+    el = source[i]
+    m = infer_cam.load_maps(infer_cam.map_path(workdir, el["id"]))
+    np.testing.assert_array_equal(m["keys"], np.concatenate([[0], np.flatnonzero(el["label"]) + 1]))
+    h, w = el["image"].shape[:2]
+    assert m["high_res"].shape == (len(m["keys"]), h, w)
+    assert m["cam"].shape == (len(m["keys"]), -(-h // 4), -(-w // 4))
+    # Max-normalised per channel (an untrained class may still be all zero).
+    peaks = m["high_res"].max((1, 2))
+    assert m["high_res"].min() >= 0 and np.all((np.abs(peaks - 1) < 2e-3) | (peaks == 0)) and peaks[0] > 0.99
+    npy = np.load(infer_cam.map_path(workdir, el["id"])[:-4] + ".npy", allow_pickle=True).item()
+    np.testing.assert_array_equal(npy["keys"], m["keys"])
+  assert summary["seed_miou"] is not None and summary["thresholds"]["seed"] is None
+
+
+def test_rerun_skips_finished_maps_and_rewrites_a_missing_one_identically(sipe_run):
+  config, workdir, _ = sipe_run
+  files = sorted(f for f in os.listdir(infer_cam.maps_dir(workdir)) if f.endswith(".npz"))
+  victim = infer_cam.map_path(workdir, files[3][:-4])
+  with open(victim, "rb") as f:
+    before = f.read()
+  os.remove(victim)
+  keep = infer_cam.map_path(workdir, files[0][:-4])
+  mtime = os.stat(keep).st_mtime_ns
+  out = infer_cam.run(config, workdir)
+  assert out["make_cam"]["written"] == 1
+  assert os.stat(keep).st_mtime_ns == mtime
+  with open(victim, "rb") as f:
+    assert np.array_equal(np.load(victim)["high_res"], np.load(__import__("io").BytesIO(before))["high_res"])
+  assert not [f for f in os.listdir(infer_cam.maps_dir(workdir)) if ".tmp" in f]
+
+
+def test_eval_cam_names_a_corrupt_file_and_the_fix(sipe_run, tmp_path):
+  config, workdir, _ = sipe_run
+  import shutil
+
+  copy = str(tmp_path / "w")
+  shutil.copytree(workdir, copy)
+  from cpal_jax.data import pipeline
+
+  first = pipeline.make_source(config, config.data.eval_split).ids()[0]
+  with open(infer_cam.map_path(copy, first), "wb") as f:
+    f.write(b"not a zip")
+  with pytest.raises(ValueError, match=f"{first}.npz.*re-run the make_cam"):
+    seed_eval.evaluate(config, copy)
+  os.remove(infer_cam.map_path(copy, first))
+  with pytest.raises(FileNotFoundError, match="run the make_cam stage"):
+    seed_eval.evaluate(config, copy)
+
+
+def test_plain_cam_maps_have_no_background_and_are_swept(tmp_path):
+  config = tiny_config(**{"method.name": "cam", "train.num_steps": 2, "cam.scales": (1.0,)})
+  summary = cli.run(config, str(tmp_path))
+  from cpal_jax.data import pipeline
+
+  el = pipeline.make_source(config, config.data.train_split)[0]
+  m = infer_cam.load_maps(infer_cam.map_path(str(tmp_path), el["id"]))
+  np.testing.assert_array_equal(m["keys"], np.flatnonzero(el["label"]) + 1)
+  assert summary["thresholds"]["seed"] is not None and len(summary["seed_sweep"]) == 60
