@@ -9,7 +9,7 @@ def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.workdir = ""  # empty: runs/<config name>; the --workdir flag overrides
-  c.stages = "train_cam,eval_cam"
+  c.stages = "train_cam,make_cam,eval_cam"
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"  # synthetic | voc | coco
@@ -71,6 +71,7 @@ def base() -> ml_collections.ConfigDict:
   # Stage make_cam (METHOD.md 1.3): multi-scale + flip maps of every image of data.train_split,
   # the split that gets pseudo masks (seeds and masks are scored on data.eval_split, a subset).
   c.cam = ml_collections.ConfigDict()
+  c.cam.split = ""  # empty: data.train_split
   c.cam.scales = (1.0, 0.5, 1.5, 2.0)
   c.cam.batch_size = 8  # images per step (each runs with its flip)
   c.cam.pad_multiple = 64  # inputs padded per bucket so sizes compile once per bucket
