@@ -107,12 +107,33 @@ def base() -> ml_collections.ConfigDict:
   c.refine.irn.weight_decay = 1e-4
   c.refine.irn.momentum = 1e-4  # the same optimiser quirk as the CAM network
   c.refine.irn.radius = 10  # training pairs on the stride-4 grid
+  # IRN's training PathIndex drops sources within radius-1 of the left, right and bottom borders;
+  # False keeps every pair with both ends in the crop (more pairs on small crops).
+  c.refine.irn.irn_window = True
+  c.refine.irn.strides = (2, 2, 2, 1)  # backbone conv1, layer2, layer3, layer4 (IRN: output stride 16)
+  c.refine.irn.num_steps = 0  # 0: epochs * (train images // batch_size)
+  c.refine.irn.stop_at_step = 0  # >0: checkpoint and stop there (the schedule still spans num_steps)
+  c.refine.irn.log_every = 50
+  c.refine.irn.ckpt_every = 500
+  # Edge-map inference pads each image to a multiple of this: IRN pads every VOC image to 512x512
+  # (its crop); a smaller multiple saves compute but changes the values near the padding a little.
+  c.refine.irn.pad_multiple = 512
   c.refine.walk = ml_collections.ConfigDict()  # random walk (METHOD.md 1.5 D4)
   c.refine.walk.radius = 5
   c.refine.walk.beta = 10
   c.refine.walk.exp_times = 8
   c.refine.walk.bg_threshold = 0.25  # sem_seg_bg_thres for maps without background
   c.refine.walk.bg_power = 1.5  # SIPE: cam ** 1.5 on the map's own background channel
+  c.refine.walk.pad_multiple = 16  # stride-4 maps padded per bucket (edge 1 there: exact)
+
+  # Stage export (METHOD.md 1.6): palette PNGs of class indices in workdir/masks.
+  c.export = ml_collections.ConfigDict()
+  c.export.source = "refine"  # refine: the refine stage's masks | seed: the make_cam seeds as is
+
+  # The visual report at the end of a run (workdir/report/*.png, linked from summary.md).
+  c.report = ml_collections.ConfigDict()
+  c.report.enabled = True
+  c.report.num_images = 6
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis; -1 = all

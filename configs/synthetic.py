@@ -34,4 +34,18 @@ def get_config():
   c.train.log_every = 25
   c.train.ckpt_every = 200
   c.eval.pad_multiple = 16
+  # IRN's boundary net on 96 px images: stride-4 edge maps of 24x24 under a frozen, randomly
+  # initialised backbone (no ImageNet weights); its random features still separate the regions.
+  c.refine.irn.backbone = "resnet_tiny"
+  c.refine.irn.strides = (2, 2, 2, 1)
+  c.refine.irn.crop_size = 96
+  c.refine.irn.batch_size = 16
+  c.refine.irn.epochs = 3
+  # Radius 5 on the 24-cell grid (IRN: 10 on 128 cells); 10 has 4.5x the pairs and makes the
+  # loss about 8x slower per step on CPU.
+  c.refine.irn.radius = 5
+  c.refine.irn.irn_window = False  # IRN's border window would drop 44% of the 24x24 sources
+  c.refine.irn.log_every = 25
+  c.refine.irn.ckpt_every = 100
+  c.refine.irn.pad_multiple = 32
   return c

@@ -116,3 +116,40 @@ def format_summary(summary: dict) -> str:
   for stage, secs in (summary.get("stage_seconds") or {}).items():
     lines.append(f"  time {stage:10s} {secs:8.1f} s")
   return "\n".join(lines)
+
+
+# One row per pipeline stage in summary.md: (stage, label, figure key in summary.json).
+_MD_ROWS = (
+    ("train_cam", "CAM network", None),
+    ("make_cam", "multi-scale maps", None),
+    ("eval_cam", "Seed", "seed_miou"),
+    ("refine", "w/ CRF", "crf_miou"),
+    ("export", "Mask", "mask_miou"),
+    ("train_seg", "DeepLab-v2 training", None),
+    ("eval_seg", "Segmentation (val)", "seg_val_miou"),
+)
+
+
+def summary_markdown(summary: dict, figures: dict | None = None) -> str:
+  """summary.md: one row per stage with its mIoU and wall time (the shape of the paper's Tables 4-5),
+  then the thresholds used and links to the report's figures."""
+  secs = summary.get("stage_seconds") or {}
+  th = summary.get("thresholds") or {}
+  lines = ["# cpal_jax run", "", "| stage | figure | mIoU (%) | time (s) |", "| --- | --- | --- | --- |"]
+  for stage, label, key in _MD_ROWS:
+    if stage not in secs and (key is None or summary.get(key) is None):
+      continue
+    v = summary.get(key) if key else None
+    lines.append(f"| `{stage}` | {label} | {'-' if v is None else f'{v:.2f}'} | {secs.get(stage, '-')} |")
+  used = {k: v for k, v in th.items() if v is not None}
+  if used:
+    lines += [
+        "",
+        "Background thresholds (oracle sweep, see METHOD.md section 5): "
+        + ", ".join(f"{k} t={v}" for k, v in used.items()),
+    ]
+  for name, v in (summary.get("baselines") or {}).items():
+    lines.append(f"- baseline {name}: {v:.2f}")
+  if figures:
+    lines += ["", "## Figures", ""] + [f"![{name}]({path})" for name, path in figures.items()]
+  return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ def tiny_config(**overrides):
   c.train.ckpt_every = 2
   c.eval.batch_size = 8
   c.mesh.data = 1
+  c.report.enabled = False  # tests/test_report.py and the full-pipeline test cover it
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")
@@ -75,6 +76,9 @@ def test_cli_run_writes_summary_and_artifacts(straight):
   assert set(summary["stage_seconds"]) == {"train_cam", "make_cam", "eval_cam"}
   assert os.listdir(os.path.join(workdir, "cam", "tb"))
   assert os.path.exists(os.path.join(workdir, "config.json"))
+  with open(os.path.join(workdir, "summary.md")) as f:
+    md = f.read()
+  assert f"| `eval_cam` | Seed | {summary['seed_miou']:.2f} |" in md and "`refine`" not in md
 
 
 def test_resume_equals_straight_run(straight, tmp_path):

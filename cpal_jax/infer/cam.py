@@ -98,7 +98,9 @@ def rescale(image: np.ndarray, scale: float) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
 
 
-def _padded_batch(images: list[np.ndarray], labels: np.ndarray, multiple: int, batch_size: int) -> dict:
+def padded_batch(images: list[np.ndarray], labels: np.ndarray, multiple: int, batch_size: int) -> dict:
+  """Images padded bottom/right to a common multiple of `multiple`, the batch filled to batch_size
+  with copies of the last image (callers keep only the real entries)."""
   hmax = max(im.shape[0] for im in images)
   wmax = max(im.shape[1] for im in images)
   hp, wp = -(-hmax // multiple) * multiple, -(-wmax // multiple) * multiple
@@ -162,11 +164,6 @@ def load_maps(path: str) -> dict:
     raise ValueError(f"CAM file {path} is unreadable ({e}); delete it and re-run the make_cam stage") from e
 
 
-def _local_mesh(config):
-  n = config.mesh.data if config.mesh.data not in (-1, 0) else jax.local_device_count()
-  return jax.sharding.Mesh(np.asarray(jax.local_devices()[:n]), (sharding.DATA,))
-
-
 def run(config, workdir: str) -> dict:
   """Writes workdir/cam/maps/<id>.npz for every image of config.cam.split (default
   data.train_split) not written yet; returns summary updates."""
@@ -182,7 +179,7 @@ def run(config, workdir: str) -> dict:
     log.info("make_cam: all %d maps of %s exist in %s", len(mine), split, maps_dir(workdir))
     return summary
 
-  mesh = _local_mesh(config)
+  mesh = sharding.local_mesh(config.mesh.data)
   model, variables, extra, step = cam_stage.load_params(config, workdir, mesh)
   predict = make_predict(model, config)
   with_bg = has_background(config)
@@ -197,7 +194,7 @@ def run(config, workdir: str) -> dict:
     per_scale: list[list[np.ndarray]] = [[] for _ in chunk]
     for s in config.cam.scales:
       scaled = [rescale(el["image"], s) for el in chunk]
-      batch = _padded_batch(scaled, labels, config.cam.pad_multiple, batch_size)
+      batch = padded_batch(scaled, labels, config.cam.pad_multiple, batch_size)
       batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
       maps = np.asarray(jax.device_get(predict(variables, extra, batch)))  # [B, hf, wf, K]
       stride = batch["image"].shape[1] // maps.shape[1]

@@ -34,3 +34,13 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
   n = mesh.shape[DATA]
   if batch_size % n:
     raise ValueError(f"train.batch_size={batch_size} must be divisible by the {n} devices of the data axis")
+
+
+def local_mesh(num_data: int = -1) -> Mesh:
+  """This process's devices on the data axis: per-image stages (inference, export) run
+  independently in every process, each on its own share of the images."""
+  devices = jax.local_devices()
+  n = len(devices) if num_data in (-1, 0, None) else num_data
+  if n > len(devices) or len(devices) % n:
+    raise ValueError(f"mesh.data={num_data} does not fit the {len(devices)} local devices")
+  return Mesh(np.asarray(devices[:n]), (DATA,))

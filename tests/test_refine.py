@@ -1,0 +1,78 @@
+"""refine: the CRF-only path improves noisy seeds and resumes; the random walk of one image is the
+same with and without bucket padding; IR labels keep 255 for the unsure band."""
+
+import os
+
+import numpy as np
+
+from cpal_jax.data import palette
+from cpal_jax.infer import cam as infer_cam
+from cpal_jax.refine import irn
+from cpal_jax.refine import stage as refine
+from test_export import write_gt_maps
+from test_train import tiny_config
+
+
+def test_crf_mode_refines_noisy_seeds_and_resumes(tmp_path):
+  config = tiny_config(**{"refine.mode": "crf", "refine.workers": 2})
+  workdir = str(tmp_path)
+  source = write_gt_maps(config, workdir, noise=1.2, seed=3)
+  from cpal_jax.eval import seed as seed_eval
+
+  seed = seed_eval.evaluate(config, workdir)["seed_miou"]
+  out = refine.run(config, workdir)
+  assert out["crf_miou"] > seed + 5, (seed, out["crf_miou"])
+  files = sorted(os.listdir(refine.crf_dir(workdir)))
+  assert len(files) == len(source)
+  os.remove(os.path.join(refine.crf_dir(workdir), files[2]))
+  mtime = os.stat(os.path.join(refine.crf_dir(workdir), files[0])).st_mtime_ns
+  again = refine.run(config, workdir)
+  assert again["crf_miou"] == out["crf_miou"]
+  assert os.stat(os.path.join(refine.crf_dir(workdir), files[0])).st_mtime_ns == mtime
+
+
+def test_ir_labels_are_class_ids_with_unsure_band(tmp_path):
+  config = tiny_config(**{"refine.workers": 1, "data.num_train": 4})
+  workdir = str(tmp_path)
+  source = write_gt_maps(config, workdir)
+  refine.make_ir_labels(config, workdir, config.data.train_split)
+  el = pipeline_item(config, 1)
+  lab = palette.load_label_png(os.path.join(irn.ir_label_dir(workdir), f"{el['id']}.png"))
+  assert lab.shape == el["mask"].shape
+  present = set(np.flatnonzero(el["label"]) + 1) | {0, 255}
+  assert set(np.unique(lab)) <= present
+  # Perfect seeds: every confident pixel agrees with the ground truth.
+  sure = lab != 255
+  assert np.mean(lab[sure] == el["mask"][sure]) > 0.97
+  assert len(os.listdir(irn.ir_label_dir(workdir))) == len(source)
+
+
+def pipeline_item(config, i):
+  from cpal_jax.data import pipeline
+
+  return pipeline.make_source(config, config.data.train_split, with_mask=True)[i]
+
+
+def test_walk_is_unchanged_by_bucket_padding():
+  config = tiny_config(**{"refine.walk.exp_times": 4})
+  rng = np.random.default_rng(0)
+  h, w = 13, 18
+  maps = {"keys": np.array([2, 5]), "cam": rng.random((2, h, w)).astype(np.float32)}
+  edge = rng.random((h, w)).astype(np.float32) ** 3
+  a = refine.walk_labels(config, maps, edge, (4 * h - 2, 4 * w - 3), bucket=1)
+  b = refine.walk_labels(config, maps, edge, (4 * h - 2, 4 * w - 3), bucket=16)
+  np.testing.assert_array_equal(a, b)
+  assert set(np.unique(a)) <= {0, 2, 5} and a.shape == (4 * h - 2, 4 * w - 3)
+  with_bg = {"keys": np.array([0, 2]), "cam": rng.random((2, h, w)).astype(np.float32)}
+  c = refine.walk_labels(config, with_bg, edge, (4 * h, 4 * w), bucket=16)
+  assert set(np.unique(c)) <= {0, 2}
+
+
+def test_host_post_processing_equals_the_jax_one():
+  from cpal_jax import image_ops
+  from cpal_jax.refine import random_walk
+
+  rw = np.random.default_rng(2).random((3, 9, 11)).astype(np.float32)
+  ref = np.asarray(random_walk.to_mask_scores(rw, (34, 41)))
+  host = image_ops.resize_bilinear_host(rw, (36, 44))[:, :34, :41]
+  np.testing.assert_allclose(host / host.max(), ref, rtol=1e-5, atol=1e-6)
