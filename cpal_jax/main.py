@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-STAGES = ("train_cam", "make_cam", "eval_cam")
+STAGES = ("train_cam", "make_cam", "eval_cam", "refine", "export")
 log = logging.getLogger("cpal_jax.main")
 
 
@@ -37,10 +37,18 @@ def run(config, workdir: str) -> dict:
   from cpal_jax import reporting
   from cpal_jax.eval import seed as seed_eval
   from cpal_jax.infer import cam as make_cam
+  from cpal_jax.infer import export
   from cpal_jax.parallel import distributed
+  from cpal_jax.refine import stage as refine
   from cpal_jax.train import cam as cam_stage
 
-  runners = {"train_cam": cam_stage.train, "make_cam": make_cam.run, "eval_cam": seed_eval.evaluate}
+  runners = {
+      "train_cam": cam_stage.train,
+      "make_cam": make_cam.run,
+      "eval_cam": seed_eval.evaluate,
+      "refine": refine.run,
+      "export": export.run,
+  }
 
   stages = parse_stages(config.stages)
   distributed.initialize(config)
@@ -56,7 +64,15 @@ def run(config, workdir: str) -> dict:
     updates = runners[stage](config, workdir)
     updates["stage_seconds"] = {stage: round(time.time() - t0, 1)}
     summary = reporting.update_summary(workdir, **updates)
+  figures = {}
+  if config.report.enabled:
+    from cpal_jax import report
+
+    figures = report.write_report(config, workdir)
   if distributed.is_main():
+    reporting.atomic_write_text(
+        os.path.join(workdir, "summary.md"), reporting.summary_markdown(summary, figures)
+    )
     print(reporting.format_summary(summary))
     print(f"\nsummary: {os.path.join(workdir, 'summary.json')}")
   return summary
