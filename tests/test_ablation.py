@@ -14,7 +14,7 @@ def test_every_row_resolves_to_a_valid_config():
   for table, rows in ablation.TABLES.items():
     for rid, _, _, overrides in rows:
       c = ablation.row_config(base, overrides, seed=3)
-      assert c.seed == 3 and c.method.name in ("cam", "sipe", "cpal"), (table, rid)
+      assert c.seed == 3 and c.method.name in ("cam", "sipe", "cpal", "ppc"), (table, rid)
       for key, value in overrides.items():
         node = c
         for part in key.split("."):
@@ -28,6 +28,12 @@ def test_table1_rows_differ_as_the_paper_adds_components():
   assert "method.cpal.top_k" not in rows["III"] and not rows["III"]["method.cpal.fda"]
   assert rows["IV"] == {"method.name": "cpal", "method.cpal.self_loss": False}
   assert rows["V"] == {"method.name": "cpal"}
+
+
+def test_table4_sets_the_regularisers_side_by_side():
+  rows = {rid: (paper, o) for rid, _, paper, o in ablation.TABLES["4"]}
+  assert rows["PPC"] == (61.5, {"method.name": "ppc"})
+  assert rows["SIPE"][1] == {"method.name": "sipe"} and rows["CPAL"][1] == {"method.name": "cpal"}
 
 
 def test_summarize_mean_and_std():

@@ -1,16 +1,17 @@
 """The training objective of each method and the life cycle of its state (CPAL's bank and centres).
 
 The train loop only calls these: losses of a forward pass, the state update after the step, and
-the epoch-start hook (k-means). cam/sipe have no state ({}).
+the epoch-start hook (k-means). cam/sipe/ppc have no state ({}); ppc alone needs a second forward
+pass (its smaller view) and the step's PRNG key (random pixel samples).
 """
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cpal_jax.method import cpal, sipe
+from cpal_jax.method import cpal, ppc, sipe
 
-METHODS = ("cam", "sipe", "cpal")
+METHODS = ("cam", "sipe", "cpal", "ppc")
 
 
 def check(config) -> None:
@@ -35,16 +36,26 @@ def state_sharding(config, mesh, abstract_extra):
   return jax.tree.map(lambda _: NamedSharding(mesh, P("data")), abstract_extra)
 
 
-def compute_losses(config, out: dict, features, labels, valid, extra):
+def needs_second_view(config) -> bool:
+  return config.method.name == "ppc"
+
+
+def compute_losses(config, out: dict, features, labels, valid, extra, view2=None, key=None):
   """Loss terms of one forward pass and what the post-step update needs.
 
-  features: the projected features CPAL's prototypes live in; valid: [B, h, w] real pixels.
+  features: the projected features CPAL's and PPC's prototypes live in; valid: [B, h, w] real
+  pixels. ppc only: view2 holds the second view's network outputs plus "features" (projected),
+  "valid" (real pixels on its map) and "image_size" (its input size); key drives its sampling.
   """
   m = config.method
   terms = {"cls": sipe.multilabel_soft_margin(out["score"], labels)}
+  if m.name == "ppc":
+    # The two-view BCE (METHOD.md 4.3).
+    terms["cls"] = 0.5 * (terms["cls"] + sipe.multilabel_soft_margin(view2["score"], labels))
   total = m.cls_weight * terms["cls"]
   aux = {}
-  if m.name == "sipe" or (m.name == "cpal" and m.cpal.keep_sipe_gsc):
+  gsc = m.name == "sipe" or (m.name == "cpal" and m.cpal.keep_sipe_gsc)
+  if gsc or (m.name == "ppc" and m.ppc.keep_sipe_gsc):
     mask = sipe.label_mask(valid, labels)
     maps = sipe.sipe_maps(out["cam"], out["hie"], out["x4"], mask, mask_cam=True)
     terms["gsc"] = sipe.gsc_loss(maps["norm_cam"], maps["is_cam"])
@@ -56,6 +67,20 @@ def compute_losses(config, out: dict, features, labels, valid, extra):
       total = total + m.cpal.self_weight * terms["self"]
     aux = {"protos": maps["protos"], "proto_valid": maps["proto_valid"]}
     terms["ready_classes"] = jnp.sum(extra.ready[: labels.shape[1]])
+  if m.name == "ppc":
+    p = m.ppc
+    terms.update(
+        ppc.contrast_losses(
+            out["cam"], features, view2["cam"], view2["features"], labels, key, p, valid=view2["valid"]
+        )
+    )
+    total = total + terms["ppc_nce"]
+    if p.er_size not in ("image", "map"):
+      raise ValueError(f"method.ppc.er_size={p.er_size!r}: choose image or map")
+    if p.er_weight:
+      size = tuple(view2["image_size"]) if p.er_size == "image" else view2["cam"].shape[1:3]
+      terms["er"] = ppc.equivariance_loss(out["cam"], view2["cam"], labels, size)
+      total = total + p.er_weight * terms["er"]
   terms["total"] = total
   return terms, aux
 

@@ -4,6 +4,7 @@ The module only computes features; the SIPE/CPAL/PPC math lives in `cpal_jax.met
 functions over its outputs, which is what lets CPAL plug into other CAM models.
 """
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -61,12 +62,24 @@ def scaled_side_dims(arch: str) -> tuple[int, ...]:
 
 
 def uses_proj_head(config) -> bool:
-  return config.method.name == "cpal" and config.method.cpal.proj_head == "conv256"
+  m = config.method
+  return m.name == "ppc" or (m.name == "cpal" and m.cpal.proj_head == "conv256")
+
+
+def proj_dim(config) -> int:
+  if not uses_proj_head(config):
+    return 0
+  return config.method.ppc.proj_dim if config.method.name == "ppc" else config.method.cpal.proj_dim
 
 
 def projected_features(config, out: dict):
-  """The feature space of CPAL's prototypes: F_hie or the conv256 projection."""
+  """The feature space of the prototypes: CPAL's F_hie or conv256 projection, PPC's fc_proj."""
   return out["proj"] if uses_proj_head(config) else out["hie"]
+
+
+def output_stride(config) -> int:
+  """Input pixels per map cell: the stem's max-pool (2) times the configured strides."""
+  return 2 * math.prod(config.model.strides)
 
 
 def from_config(config) -> CAMNet:
@@ -79,6 +92,6 @@ def from_config(config) -> CAMNet:
       detach_after=m.detach_after,
       side_dims=side_dims,
       bn_train=m.batch_norm == "train",
-      proj_dim=config.method.cpal.proj_dim if uses_proj_head(config) else 0,
+      proj_dim=proj_dim(config),
       dtype=jnp.bfloat16 if m.get("compute_dtype", "float32") == "bfloat16" else jnp.float32,
   )

@@ -18,7 +18,7 @@ import optax
 
 from cpal_jax import checkpointing, image_ops, reporting
 from cpal_jax.data import pipeline
-from cpal_jax.method import objectives
+from cpal_jax.method import objectives, ppc
 from cpal_jax.models import cam_net, pretrained
 from cpal_jax.parallel import sharding
 from cpal_jax.train import optim, state as state_lib
@@ -28,8 +28,25 @@ log = logging.getLogger(__name__)
 
 def make_train_step(model, tx: optax.GradientTransformation, config):
 
+  def second_view(params, batch_stats, images, valid_px):
+    """PPC's view 2: the same crop, smaller (METHOD.md 4.2), through the same network. BatchNorm
+    statistics chain through both passes, as the reference's two forward calls update them."""
+    size = ppc.view2_size(images.shape[1:3], cam_net.output_stride(config), config.method.ppc)
+    images2, valid2 = ppc.second_view(images, valid_px, size)
+    out2, new_vars = model.apply(
+        {"params": params, "batch_stats": batch_stats}, images2, train=True, mutable=["batch_stats"]
+    )
+    valid2 = image_ops.resize_nearest(valid2[..., None], out2["cam"].shape[1:3])[..., 0]
+    view2 = {
+        **out2,
+        "features": cam_net.projected_features(config, out2),
+        "valid": valid2,
+        "image_size": size,
+    }
+    return view2, new_vars
+
   def train_step(state: state_lib.TrainState, batch: dict, key: jax.Array):
-    del key  # cam/sipe/cpal are deterministic; a regulariser that samples draws from it
+    # key: cam/sipe/cpal are deterministic and never read it; ppc samples pixels with it.
     images = state_lib.normalize_images(batch["image"], batch["valid"])
     labels = batch["label"].astype(jnp.float32)
 
@@ -40,7 +57,12 @@ def make_train_step(model, tx: optax.GradientTransformation, config):
       h, w = out["cam"].shape[1:3]
       valid = image_ops.resize_nearest(batch["valid"].astype(jnp.float32)[..., None], (h, w))[..., 0]
       feats = cam_net.projected_features(config, out)
-      terms, aux = objectives.compute_losses(config, out, feats, labels, valid, state.extra)
+      view2 = None
+      if objectives.needs_second_view(config):
+        view2, new_vars = second_view(params, new_vars["batch_stats"], images, batch["valid"])
+      terms, aux = objectives.compute_losses(
+          config, out, feats, labels, valid, state.extra, view2=view2, key=key
+      )
       return terms["total"], (terms, aux, new_vars["batch_stats"])
 
     (_, (terms, aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
