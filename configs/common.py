@@ -2,14 +2,15 @@
 
 import ml_collections
 
-from cpal_jax.method import cpal
+from cpal_jax.method import cpal, ppc
+from cpal_jax.train import seg as seg_stage
 
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.workdir = ""  # empty: runs/<config name>; the --workdir flag overrides
-  c.stages = "train_cam,make_cam,eval_cam"
+  c.stages = "train_cam,make_cam,eval_cam,refine,export,train_seg,eval_seg"
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"  # synthetic | voc | coco
@@ -37,10 +38,11 @@ def base() -> ml_collections.ConfigDict:
   c.model.compute_dtype = "float32"  # float32 | bfloat16 (backbone only; losses stay float32)
 
   c.method = ml_collections.ConfigDict()
-  c.method.name = "sipe"  # cam | sipe | cpal
+  c.method.name = "sipe"  # cam | sipe | cpal | ppc
   c.method.cls_weight = 1.0  # alpha of Eq. 1
   c.method.gsc_weight = 1.0  # SIPE's L_GSC (sipe; cpal only with cpal.keep_sipe_gsc)
   c.method.cpal = cpal.default_config()
+  c.method.ppc = ppc.default_config()  # METHOD.md section 4 (PPC on the SIPE base network)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global, over all devices and processes
@@ -129,6 +131,9 @@ def base() -> ml_collections.ConfigDict:
   # Stage export (METHOD.md 1.6): palette PNGs of class indices in workdir/masks.
   c.export = ml_collections.ConfigDict()
   c.export.source = "refine"  # refine: the refine stage's masks | seed: the make_cam seeds as is
+
+  # Stages train_seg / eval_seg (METHOD.md 1.7): DeepLab-v2 on the exported pseudo masks.
+  c.seg = seg_stage.default_config()
 
   # The visual report at the end of a run (workdir/report/*.png, linked from summary.md).
   c.report = ml_collections.ConfigDict()

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-STAGES = ("train_cam", "make_cam", "eval_cam", "refine", "export")
+STAGES = ("train_cam", "make_cam", "eval_cam", "refine", "export", "train_seg", "eval_seg")
 log = logging.getLogger("cpal_jax.main")
 
 
@@ -36,11 +36,13 @@ def run(config, workdir: str) -> dict:
   """Runs config.stages on workdir; returns the merged summary."""
   from cpal_jax import reporting
   from cpal_jax.eval import seed as seed_eval
+  from cpal_jax.eval import seg as seg_eval
   from cpal_jax.infer import cam as make_cam
   from cpal_jax.infer import export
   from cpal_jax.parallel import distributed
   from cpal_jax.refine import stage as refine
   from cpal_jax.train import cam as cam_stage
+  from cpal_jax.train import seg as seg_stage
 
   runners = {
       "train_cam": cam_stage.train,
@@ -48,6 +50,8 @@ def run(config, workdir: str) -> dict:
       "eval_cam": seed_eval.evaluate,
       "refine": refine.run,
       "export": export.run,
+      "train_seg": seg_stage.train,
+      "eval_seg": seg_eval.evaluate,
   }
 
   stages = parse_stages(config.stages)

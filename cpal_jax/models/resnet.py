@@ -2,9 +2,9 @@
 
 Parameter names mirror torchvision (`conv1`, `bn1`, `layer1_0/conv1`, `layer1_0/downsample_conv`,
 ...), so an ImageNet checkpoint converts one tensor to one leaf. The bottleneck puts its stride on
-the 3x3 conv (torchvision v1.5, as IRN/SIPE use); `stride_on_1x1=True` gives the caffe layout of the
-DeepLab initialisation. Padding is explicit and symmetric so output sizes match PyTorch, where
-Flax's 'SAME' would pad stride-2 convolutions asymmetrically.
+the 3x3 conv (torchvision v1.5, as IRN/SIPE use); `stride_on_1x1=True` with `ceil_pool=True` gives
+the caffe (MSRA) layout of the DeepLab initialisation. Padding is explicit and symmetric so output
+sizes match PyTorch, where Flax's 'SAME' would pad stride-2 convolutions asymmetrically.
 
 BatchNorm is frozen by default (`bn_train=False`): running statistics in the `batch_stats`
 collection, never updated, as the WSSS recipes do with ImageNet weights (batches of 16 large crops
@@ -61,8 +61,11 @@ def batch_norm(name: str, use_batch_stats: bool = False) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not use_batch_stats, momentum=0.9, epsilon=1e-5, name=name)
 
 
-def max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+def max_pool_3x3_s2(x: jnp.ndarray, ceil: bool = False) -> jnp.ndarray:
+  """ceil: PyTorch's ceil_mode, which the caffe stem uses; one more -inf row/column on the far side
+  gives exactly its output size (and never a window that starts in the padding)."""
+  far = 2 if ceil else 1
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, far), (1, far)))
 
 
 class Bottleneck(nn.Module):
@@ -97,6 +100,7 @@ class ResNet(nn.Module):
   strides: Sequence[int] = (2, 2, 2, 1)
   dilations: Sequence[int] = (1, 1, 1, 1)
   stride_on_1x1: bool = False
+  ceil_pool: bool = False  # caffe stem: the max-pool rounds its output size up
   detach_after: int = -1
   bn_train: bool = False
 
@@ -110,7 +114,7 @@ class ResNet(nn.Module):
     blocks, width = ARCHS[self.arch]
     x = conv(width, 7, self.strides[0], name="conv1")(x)
     train_bn = train and self.bn_train
-    x = max_pool_3x3_s2(nn.relu(batch_norm("bn1", train_bn)(x)))
+    x = max_pool_3x3_s2(nn.relu(batch_norm("bn1", train_bn)(x)), self.ceil_pool)
     if self.detach_after == 0:
       x = jax.lax.stop_gradient(x)
     feats = {"stage0": x}

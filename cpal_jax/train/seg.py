@@ -1,0 +1,564 @@
+"""Stage train_seg: DeepLab-v2 trained on the exported pseudo masks (METHOD.md 1.7).
+
+The recipe is kazuto1011/deeplab-pytorch's `voc12.yaml`, which the WSSS papers use for their
+segmentation numbers:
+  - data: the images of `cam.split or data.train_split` with `{workdir}/masks/<id>.png` (the export
+    stage's output); a random scale from a fixed list (bilinear image, nearest mask), bottom/right
+    padding up to the crop (mask 255, image 0 after normalisation = the mean the reference pads
+    with), a random crop, a random flip;
+  - MSC training: the crop at scales 1.0/0.75/0.5 through the same network, plus the element-wise
+    max of the three logits (upsampled to the 1.0 logits); one cross-entropy (255 ignored) on each
+    of the four against the mask shrunk to that logit size with PIL's nearest, summed;
+  - SGD, momentum 0.9, poly 0.9, weight decay 5e-4; ASPP weights at 10x the backbone lr, ASPP biases
+    at 20x without weight decay; frozen BatchNorm whose affine parameters do not train either
+    (the reference gives the optimiser only conv parameters).
+Batch 10 stands for the reference's batch 5 x iter_size 2; the reference's lr steps every 10
+iterations, here it decays every step.
+
+The loop has the CAM stage's shape: one jitted step with explicit shardings and a donated state,
+a resumable grain iterator, orbax checkpoints (state + iterator position) under
+`{workdir}/seg/ckpt` with auto-resume and `seg.stop_at_step`, a stop with the step range on a
+non-finite loss, TensorBoard scalars and a progress bar.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+from PIL import Image
+
+from cpal_jax import checkpointing, reporting
+from cpal_jax.data import palette, pipeline, transforms
+from cpal_jax.infer import export
+from cpal_jax.models import deeplab, pretrained
+from cpal_jax.parallel import sharding
+from cpal_jax.train import optim, state as state_lib
+from cpal_jax.train.cam import NonFiniteError
+
+log = logging.getLogger(__name__)
+
+IGNORE = transforms.IGNORE_INDEX
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """config.seg: the paper's DeepLab-v2 recipe on VOC (METHOD.md 1.7)."""
+  c = ml_collections.ConfigDict()
+  c.backbone = "resnet101"  # any of models.resnet.ARCHS
+  # caffe: the DeepLab (MSRA) ResNet-101 init; torchvision: torchvision ResNet weights (models/deeplab.py)
+  c.layout = "caffe"
+  # Converted backbone weights (.npz/.safetensors, models.deeplab.convert_torch_state); empty = random
+  # init. The papers start from ImageNet (default) or the COCO-pretrained DeepLab init: record which.
+  c.pretrained = ""
+  c.batch_norm = "frozen"  # frozen (the reference) | train (batch statistics, for random init)
+  c.atrous_rates = (6, 12, 18, 24)
+  c.crop_size = 321
+  c.rescale = (0.5, 0.75, 1.0, 1.25, 1.5)  # random scale per image, one of these
+  c.flip = True
+  c.batch_size = 10  # global; the reference's 5 x iter_size 2
+  c.num_steps = 20000  # 0: epochs * (images // batch_size)
+  c.epochs = 0
+  c.stop_at_step = 0  # >0: checkpoint and stop there (the schedule still spans num_steps)
+  c.lr = 2.5e-4  # backbone; AdvCAM #9 / CLIP-ES #7 use 2e-4 .. 2.5e-4 from ImageNet
+  c.head_lr_mult = 10.0  # ASPP weights
+  c.head_bias_lr_mult = 20.0  # ASPP biases (no weight decay)
+  c.weight_decay = 5e-4
+  c.momentum = 0.9
+  c.poly_power = 0.9
+  c.clip_norm = 0.0  # >0: clip the global gradient norm first (not in the reference; random init)
+  # MSC training: one CE per input scale plus one on their max (the first scale sets the fused size).
+  c.msc_scales = (1.0, 0.75, 0.5)
+  # DSRG's balanced CE (AdvCAM #9): mean CE over background pixels + mean over foreground pixels.
+  c.balanced_ce = False
+  c.log_every = 50
+  c.ckpt_every = 1000
+  c.ckpt_keep = 2
+
+  c.eval = ml_collections.ConfigDict()  # eval_seg on data.val_split
+  c.eval.scales = (1.0, 0.75, 0.5)  # MSC max fusion, as trained
+  c.eval.flip = True  # the flipped image's logits join the max
+  c.eval.crf = True  # also score the dense-CRF refined prediction (seg_val_miou_crf)
+  c.eval.batch_size = 8  # images per device call (rounded up to the local device count)
+  c.eval.pad_multiple = 64  # inputs padded to a multiple of this: one compile per size bucket
+  c.eval.crf_workers = 0  # CRF processes; 0 = all cores
+  # kazuto1011's DenseCRF (ITER_MAX 10, POS_W 3, POS_XY_STD 1, BI_W 4, BI_XY_STD 67, BI_RGB_STD 3).
+  c.eval.crf_params = ml_collections.ConfigDict(
+      {"iters": 10, "gauss_sxy": 1, "gauss_compat": 3, "bi_sxy": 67, "bi_srgb": 3, "bi_compat": 4}
+  )
+  return c
+
+
+def ckpt_dir(workdir: str) -> str:
+  return os.path.join(workdir, "seg", "ckpt")
+
+
+def train_split(config) -> str:
+  """The images that have pseudo masks: the ones make_cam labelled and export wrote."""
+  return config.cam.split or config.data.train_split
+
+
+def check(config) -> None:
+  s = config.seg
+  deeplab.check_layout(s.layout)
+  if s.batch_norm not in ("frozen", "train"):
+    raise ValueError(f"seg.batch_norm={s.batch_norm!r}: choose frozen or train")
+  if not s.msc_scales or min(s.msc_scales) <= 0:
+    raise ValueError(f"seg.msc_scales={tuple(s.msc_scales)} must be positive scale factors (1.0 first)")
+  if not s.rescale or min(s.rescale) <= 0:
+    raise ValueError(f"seg.rescale={tuple(s.rescale)} must be positive scale factors")
+  if s.crop_size * min(s.msc_scales) < deeplab.OUTPUT_STRIDE:
+    raise ValueError(
+        f"seg.crop_size={s.crop_size} at scale {min(s.msc_scales)} is smaller than one logit cell"
+    )
+
+
+# ------------------------------------------------------------------------------------------ data
+class PseudoMaskSource:
+  """The images of a split with their exported pseudo masks: {"id", "image", "mask"}.
+
+  Every mask file is looked up when the source is made, so a missing one fails before training
+  starts, not in a loader thread hours in.
+  """
+
+  def __init__(self, source, mask_dir: str, num_classes: int):
+    self._source, self._dir, self._num_classes = source, mask_dir, num_classes
+    ids = source.ids()
+    missing = [i for i in ids if not os.path.exists(self.path(i))]
+    if missing:
+      raise FileNotFoundError(
+          f"pseudo mask {self.path(missing[0])} not found ({len(missing)} of the {len(ids)} training "
+          "images have none): the export stage writes them; run it first "
+          "(--config.stages=...,export,train_seg)"
+      )
+
+  def path(self, image_id: str) -> str:
+    return os.path.join(self._dir, f"{image_id}.png")
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def ids(self) -> list[str]:
+    return self._source.ids()
+
+  def __getitem__(self, index: int) -> dict:
+    el = self._source[index]
+    path = self.path(el["id"])
+    mask = palette.load_label_png(path)
+    if mask.shape != el["image"].shape[:2]:
+      raise ValueError(
+          f"pseudo mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image is "
+          f"{el['image'].shape[0]}x{el['image'].shape[1]}; delete it and re-run the export stage"
+      )
+    bad = (mask >= self._num_classes) & (mask != IGNORE)
+    if bad.any():
+      raise ValueError(
+          f"pseudo mask {path} holds value {int(mask[bad][0])}, not a class of data.num_classes="
+          f"{self._num_classes} nor {IGNORE} (ignored)"
+      )
+    return {"id": el["id"], "image": el["image"], "mask": mask}
+
+
+def _linear_taps(n_in: int, n_out: int):
+  """Source rows and weights of a bilinear resize n_in -> n_out (half-pixel centres, edges clamped:
+  cv2.INTER_LINEAR's and F.interpolate(align_corners=False)'s grid)."""
+  src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  return lo, hi, (src - lo).astype(np.float32)
+
+
+def resize_bilinear_u8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """uint8 [H, W, 3] -> [h, w, 3] by bilinear interpolation without antialiasing, as the reference's
+  cv2.resize (PIL's bilinear would low-pass the downscaled images); two gathers, O(output)."""
+  h, w = size
+  if (h, w) == image.shape[:2]:
+    return image
+  lo, hi, f = _linear_taps(image.shape[0], h)
+  x = image.astype(np.float32)
+  x = x[lo] * (1 - f)[:, None, None] + x[hi] * f[:, None, None]
+  lo, hi, f = _linear_taps(image.shape[1], w)
+  x = x[:, lo] * (1 - f)[None, :, None] + x[:, hi] * f[None, :, None]
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+class SegAugment(grain.transforms.RandomMap):
+  """kazuto1011's training augmentation: random scale (one of `scales`; size floor(side * s)),
+  bottom/right padding up to the crop, a random crop, a random flip.
+
+  Output: "image" uint8 [S,S,3] (0 in the padding), "valid" uint8 [S,S] (1 = image pixel; the device
+  zeroes the normalised image outside it), "mask" uint8 [S,S] (255 in the padding).
+  """
+
+  def __init__(self, crop_size: int, scales, flip: bool = True):
+    self.crop_size = int(crop_size)
+    self.scales = tuple(float(s) for s in scales)
+    self.flip = flip
+    if self.crop_size <= 0:
+      raise ValueError(f"seg.crop_size={crop_size} must be positive")
+
+  def random_map(self, element, rng: np.random.Generator):
+    image, mask = element["image"], element["mask"]
+    s = self.scales[int(rng.integers(len(self.scales)))]
+    h, w = max(1, int(image.shape[0] * s)), max(1, int(image.shape[1] * s))
+    image = resize_bilinear_u8(image, (h, w))
+    mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST))
+    c = self.crop_size
+    hp, wp = max(h, c), max(w, c)
+    top, left = int(rng.integers(0, hp - c + 1)), int(rng.integers(0, wp - c + 1))
+    out_image = np.zeros((hp, wp, 3), np.uint8)
+    out_image[:h, :w] = image
+    valid = np.zeros((hp, wp), np.uint8)
+    valid[:h, :w] = 1
+    out_mask = np.full((hp, wp), IGNORE, np.uint8)
+    out_mask[:h, :w] = mask
+    crop = (slice(top, top + c), slice(left, left + c))
+    out = {"image": out_image[crop], "valid": valid[crop], "mask": out_mask[crop]}
+    if self.flip and rng.random() < 0.5:
+      out = {k: v[:, ::-1] for k, v in out.items()}
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def make_schedule(config, num_images: int) -> pipeline.Schedule:
+  s = config.seg
+  per_epoch = num_images // s.batch_size
+  if per_epoch < 1:
+    raise ValueError(f"seg.batch_size={s.batch_size} is larger than the {num_images} training images")
+  num_steps = s.num_steps or per_epoch * s.epochs
+  if num_steps < 1:
+    raise ValueError("seg.num_steps and seg.epochs are both 0: set one of them")
+  return pipeline.Schedule(per_epoch, num_steps, s.batch_size)
+
+
+def train_iterator(
+    config, source, schedule: pipeline.Schedule, process_index: int = 0, process_count: int = 1
+):
+  """Shuffled anew each epoch, cut to whole batches, augmented; this process's share of each global
+  batch, dealt as `pipeline.train_dataset` deals the CAM stage's."""
+  b = schedule.global_batch
+  if b % process_count:
+    raise ValueError(f"seg.batch_size={b} must be divisible by the process count {process_count}")
+  s = config.seg
+  epochs = -(-schedule.num_steps // schedule.steps_per_epoch)
+  shuffled = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat(epochs)
+  stream = pipeline._DropLast(shuffled, len(source), schedule.steps_per_epoch * b)
+  aug = SegAugment(s.crop_size, tuple(s.rescale), s.flip)
+  ds = grain.MapDataset.source(stream).seed(config.seed + 1).random_map(aug)
+  ds = ds[process_index::process_count].batch(b // process_count, drop_remainder=True)
+  if config.data.workers > 0:
+    return iter(
+        ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.workers))
+    )
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+
+
+# ------------------------------------------------------------------------------------------- loss
+def pil_nearest_index(n_in: int, n_out: int) -> np.ndarray:
+  """Source index of each output pixel in PIL's nearest resize, which the reference shrinks its
+  masks with (not torch's nearest): PIL steps a float64 position from in/out * 0.5 by in/out and
+  truncates, so its rounding, not the exact floor((dst + 0.5) * in / out), decides the ties."""
+  step = n_in / n_out
+  pos, out = step * 0.5, []
+  for _ in range(n_out):
+    out.append(min(int(pos), n_in - 1))
+    pos += step
+  return np.asarray(out, np.int32)
+
+
+def resize_labels(labels: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
+  """[N, H, W] class indices -> [N, h, w] with PIL's nearest sampling."""
+  h, w = labels.shape[1:3]
+  if (h, w) == tuple(size):
+    return labels
+  return labels[:, pil_nearest_index(h, size[0])][:, :, pil_nearest_index(w, size[1])]
+
+
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, balanced: bool = False) -> jnp.ndarray:
+  """Mean CE over the pixels whose label is not 255 (nn.CrossEntropyLoss(ignore_index=255)), 0 if
+  there are none. balanced: mean over background pixels + mean over foreground pixels (DSRG)."""
+  labels = labels.astype(jnp.int32)
+  keep = labels != IGNORE
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, jnp.where(keep, labels, 0)[..., None], axis=-1)[..., 0]
+
+  def mean_over(m):
+    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1)
+
+  if balanced:
+    return mean_over(keep & (labels == 0)) + mean_over(keep & (labels > 0))
+  return mean_over(keep)
+
+
+def multiscale_loss(per_scale: list, labels: jnp.ndarray, scales, balanced: bool = False) -> tuple:
+  """MSC loss: one CE per scale's logits and, with several scales, one on their max fusion, each
+  against the labels shrunk to its size; returns (sum, {name: term})."""
+  outputs = [(f"s{s:g}", lg) for s, lg in zip(scales, per_scale)]
+  if len(per_scale) > 1:
+    outputs.append(("max", deeplab.fuse_max(per_scale)))
+  terms = {name: cross_entropy(lg, resize_labels(labels, lg.shape[1:3]), balanced) for name, lg in outputs}
+  return sum(terms.values()), terms
+
+
+# ------------------------------------------------------------------------------------- optimiser
+FROZEN, BACKBONE, HEAD, HEAD_BIAS = "frozen", "backbone", "head", "head_bias"
+
+
+def param_label(path: tuple[str, ...], bn_train: bool) -> str:
+  """Group of one DeepLab parameter: backbone convs 1x, ASPP weights 10x, ASPP biases 20x; the
+  BatchNorm affine parameters train only with batch statistics."""
+  if path[0] == "aspp":
+    return HEAD_BIAS if path[-1] == "bias" else HEAD
+  if path[0] != "backbone":
+    raise ValueError(f"parameter {'/'.join(path)} belongs to no optimiser group")
+  if path[-1] == "kernel":
+    return BACKBONE
+  return BACKBONE if bn_train else FROZEN
+
+
+def make_optimizer(seg_cfg, num_steps: int, params) -> optax.GradientTransformation:
+
+  def sgd(mult: float, weight_decay: float):
+    # torch.optim.SGD: d = g + wd * p; buf = momentum * buf + d; p -= lr * buf.
+    lr = optim.poly(seg_cfg.lr * mult, num_steps, seg_cfg.poly_power)
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.trace(decay=seg_cfg.momentum),
+        optax.scale_by_schedule(lambda c: -lr(c)),
+    )
+
+  bn_train = seg_cfg.batch_norm == "train"
+  flat = traverse_util.flatten_dict(params)
+  labels = traverse_util.unflatten_dict({k: param_label(k, bn_train) for k in flat})
+  tx = optax.multi_transform(
+      {
+          FROZEN: optax.set_to_zero(),
+          BACKBONE: sgd(1.0, seg_cfg.weight_decay),
+          HEAD: sgd(seg_cfg.head_lr_mult, seg_cfg.weight_decay),
+          HEAD_BIAS: sgd(seg_cfg.head_bias_lr_mult, 0.0),
+      },
+      labels,
+  )
+  if seg_cfg.clip_norm > 0:
+    # Frozen parameters are not the optimiser's: they must not count in the norm.
+    frozen = jax.tree.map(lambda lab: lab == FROZEN, labels)
+    tx = optax.chain(
+        optax.masked(optax.set_to_zero(), frozen), optax.clip_by_global_norm(seg_cfg.clip_norm), tx
+    )
+  return tx
+
+
+# ------------------------------------------------------------------------------------ model/step
+def make_train_step(model, tx: optax.GradientTransformation, seg_cfg):
+  scales = tuple(seg_cfg.msc_scales)
+
+  def train_step(state: state_lib.TrainState, batch: dict):
+    x = deeplab.normalize(batch["image"], batch["valid"], seg_cfg.layout)
+
+    def loss_fn(params):
+      # Batch statistics (bn_train) chain through the scales as the reference's successive
+      # forward calls update them; frozen statistics come back unchanged.
+      stats, per_scale = state.batch_stats, []
+      for s in scales:
+        out, new_vars = model.apply(
+            {"params": params, "batch_stats": stats},
+            deeplab.resize_by_factor(x, s),
+            train=True,
+            mutable=["batch_stats"],
+        )
+        stats = new_vars["batch_stats"]
+        per_scale.append(out)
+      total, terms = multiscale_loss(per_scale, batch["mask"], scales, seg_cfg.balanced_ce)
+      return total, (terms, stats)
+
+    (total, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss/total": total, **{f"loss/{k}": v for k, v in terms.items()}}
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=stats)
+    return new_state, metrics
+
+  return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  model: deeplab.DeepLabV2
+  step_fn: Callable  # jitted (state, batch) -> (state, metrics)
+  abstract_state: state_lib.TrainState  # shapes, dtypes and shardings: enough to restore
+  init_state: Callable[[], state_lib.TrainState]  # a fresh (or pretrained) sharded state
+
+
+def build(config, mesh, num_steps: int) -> Setup:
+  """The model, its jitted step over `mesh` and its state (abstract and fresh)."""
+  check(config)
+  s = config.seg
+  model = deeplab.from_config(config)
+  repl = sharding.replicated(mesh)
+  dummy = jnp.zeros((1, s.crop_size, s.crop_size, 3), jnp.float32)
+  key = jax.random.key(config.seed)
+  abstract_vars = jax.eval_shape(model.init, key, dummy)
+  tx = make_optimizer(s, num_steps, abstract_vars["params"])
+
+  def fresh(variables):
+    return state_lib.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        extra={},
+    )
+
+  abstract = jax.eval_shape(lambda: fresh(abstract_vars))
+  shardings = jax.tree.map(lambda _: repl, abstract)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
+
+  def init_state():
+    variables = jax.jit(model.init, out_shardings=repl)(key, dummy)
+    if s.pretrained:
+      variables, n = pretrained.load_into(variables, s.pretrained, prefix="backbone")
+      log.info("seg: loaded %d backbone tensors from %s", n, s.pretrained)
+    return jax.jit(fresh, out_shardings=shardings)(variables)
+
+  step_fn = jax.jit(
+      make_train_step(model, tx, s),
+      in_shardings=(shardings, sharding.batch_sharded(mesh)),
+      out_shardings=(shardings, repl),
+      donate_argnums=(0,),
+  )
+  return Setup(model, step_fn, abstract, init_state)
+
+
+def fingerprint(config, num_steps: int) -> dict:
+  """The config keys a resumed run must share with its checkpoint."""
+  s = config.seg
+  fp = {
+      "data.name": config.data.name,
+      "data.num_classes": config.data.num_classes,
+      "seg.backbone": s.backbone,
+      "seg.layout": s.layout,
+      "seg.batch_norm": s.batch_norm,
+      "seg.atrous_rates": list(s.atrous_rates),
+      "seg.batch_size": s.batch_size,
+      "seg.num_steps": num_steps,
+      "seed": config.seed,
+  }
+  return json.loads(json.dumps(fp))
+
+
+# ------------------------------------------------------------------------------------------ train
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) DeepLab-v2 on {workdir}/masks; returns the stage's summary entries."""
+  s = config.seg
+  mesh = sharding.make_mesh(config.mesh.data)
+  split = train_split(config)
+  source = PseudoMaskSource(
+      pipeline.make_source(config, split), export.masks_dir(workdir), config.data.num_classes
+  )
+  schedule = make_schedule(config, len(source))
+  sharding.check_batch(s.batch_size, mesh)
+  setup = build(config, mesh, schedule.num_steps)
+  data_iter = train_iterator(config, source, schedule, jax.process_index(), jax.process_count())
+
+  ckpt = checkpointing.Checkpointer(ckpt_dir(workdir), keep=s.ckpt_keep)
+  meta = fingerprint(config, schedule.num_steps)
+  start = ckpt.latest_step() or 0
+  if start:
+    checkpointing.check_compatible(ckpt.restore_meta(start), meta, ckpt.directory)
+    state, _ = ckpt.restore(start, setup.abstract_state, data_iter)
+    log.info("seg: resumed from step %d in %s", start, ckpt.directory)
+  else:
+    if not s.pretrained and s.batch_norm == "frozen":
+      log.warning(
+          "seg: frozen BatchNorm with random init normalises nothing (identity statistics); "
+          "set seg.pretrained to converted ImageNet weights, or seg.batch_norm=train"
+      )
+    state = setup.init_state()
+  stop = min(s.stop_at_step or schedule.num_steps, schedule.num_steps)
+
+  writer = reporting.ScalarWriter(os.path.join(workdir, "seg", "tb"))
+  bar = reporting.progress(stop, "train_seg", initial=start)
+  t0, first, last, pending = time.time(), {}, {}, []
+  for step in range(start, stop):
+    batch = sharding.global_batch(next(data_iter), mesh)
+    state, metrics = setup.step_fn(state, batch)
+    pending.append(metrics)
+    bar.update(1)
+    done = step + 1
+    if done % s.log_every == 0 or done == stop:
+      last = _log(pending, done, schedule, s, writer, bar)
+      first = first or last
+      pending = []
+    if done % s.ckpt_every == 0 and done != stop:
+      ckpt.save(done, state, data_iter, meta)
+  bar.close()
+  if stop > start or start == 0:
+    ckpt.save(stop, state, data_iter, meta)
+  ckpt.close()
+  writer.close()
+  data_iter.close()
+  secs = time.time() - t0
+  return {
+      "train_seg": {
+          "split": split,
+          "images": len(source),
+          "steps": stop,
+          "num_steps": schedule.num_steps,
+          "epochs": stop / schedule.steps_per_epoch,
+          "first_loss": first.get("loss/total"),  # this invocation's first log window
+          "final_loss": last.get("loss/total"),
+          "images_per_second": (stop - start) * schedule.global_batch / secs if stop > start else None,
+          "init": s.pretrained or "random",
+          "layout": s.layout,
+      }
+  }
+
+
+def _log(pending: list, step: int, schedule, seg_cfg, writer, bar) -> dict:
+  """Averages the metrics since the last log; stops on a non-finite loss with the step range."""
+  host = jax.device_get(pending)
+  avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+  if not all(np.isfinite(v) for v in avg.values()):
+    raise NonFiniteError(
+        f"seg: non-finite loss or gradient between steps {step - len(host) + 1} and {step}: "
+        f"{avg}; the last checkpoint is kept (a lower seg.lr or seg.balanced_ce=True may help)"
+    )
+  avg["lr/backbone"] = float(optim.poly(seg_cfg.lr, schedule.num_steps, seg_cfg.poly_power)(step - 1))
+  avg["epoch"] = step / schedule.steps_per_epoch
+  writer.scalars(step, avg)
+  bar.set_postfix(loss=f"{avg['loss/total']:.4f}", epoch=f"{avg['epoch']:.2f}")
+  return avg
+
+
+def load_model(config, workdir: str, mesh):
+  """(model, variables replicated over `mesh`, step) of the latest checkpoint in {workdir}/seg/ckpt."""
+  ckpt = checkpointing.Checkpointer(ckpt_dir(workdir), keep=config.seg.ckpt_keep, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    ckpt.close()
+    raise FileNotFoundError(
+        f"no DeepLab checkpoint in {ckpt.directory}: run the train_seg stage first "
+        "(--config.stages=train_seg,eval_seg)"
+    )
+  # Optimiser shapes do not depend on the schedule length; the step count is a placeholder.
+  setup = build(config, mesh, num_steps=1)
+  state, _ = ckpt.restore(step, setup.abstract_state)
+  ckpt.close()
+  return setup.model, {"params": state.params, "batch_stats": state.batch_stats}, step
+
+
+def latest_step(workdir: str) -> int | None:
+  if not os.path.isdir(ckpt_dir(workdir)):
+    return None
+  ckpt = checkpointing.Checkpointer(ckpt_dir(workdir), async_save=False)
+  step = ckpt.latest_step()
+  ckpt.close()
+  return step
