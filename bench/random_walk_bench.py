@@ -1,20 +1,20 @@
 """IRN's random walk per VOC-sized image: the sparse stencil walk against IRN's dense h·w × h·w matrix.
 
 Each variant runs in its own subprocess, so the process peak RSS (resource.getrusage ru_maxrss) of one
-cannot hide in the other's; the row reports that peak at the end, the peak right before compiling
-(python, jax and the inputs) and right after compiling (ru_maxrss is a high-water mark: when the
-final peak equals the after-compile one, XLA's compiler, not the walk, set it). Next to it, the memory the arrays need: a hand count of
-the dominant live buffers (nbytes, float32) and XLA's own buffer assignment for the compiled program
-(memory_analysis: temporaries + arguments + outputs). Times: compile (lower + compile), then the
-median of --repeats calls of the compiled walk after a warm-up call (block_until_ready); a walk whose
-warm-up call takes over 10 s is timed by that call alone.
+cannot hide in the other's. A row reports that peak at the end, the peak right before compiling
+(python, jax and the inputs) and right after compiling; ru_maxrss is a high-water mark, so when the
+final peak equals the after-compile one, XLA's compiler, not the walk, set it. Next to it, the memory
+the arrays need: a hand count of the dominant live float32 buffers (nbytes) and XLA's own buffer
+assignment (memory_analysis: temporaries + arguments + outputs; for the dense walk, the larger of its
+two programs). Times: compile (lower + compile), then the median of --repeats calls of the compiled
+walk after a warm-up call (block_until_ready); a walk whose warm-up call takes over 10 s is timed by
+that call alone.
 
-The dense walk costs 2·(h·w)³·exp_times FLOP: ~26 TFLOP at 125x94, hours on a small CPU. It runs at
---dense-size (default: the --size aspect ratio scaled to at most --dense-max-pixels pixels, with the
-sparse walk repeated at that size for a like-for-like row), and the full-size dense time is
-extrapolated by the cubic law from the largest dense size measured; its full-size memory is the hand
-count. Pass --dense-size WxH[,WxH...] to measure more sizes (e.g. to check the cubic scaling), or the
-full size itself on a big machine.
+The dense walk costs 2·(h·w)³·exp_times FLOP, ~26 TFLOP at 125x94 (about 10 minutes on two busy CPU
+cores). By default it runs at a reduced size (the --size aspect ratio scaled to at most
+--dense-max-pixels pixels, with the sparse walk repeated there for a like-for-like row) and its
+full-size time is extrapolated by the cubic law from the largest dense size measured, its full-size
+memory by the hand count. --dense-size WxH[,WxH...] picks the dense sizes, the full size included.
 
   python bench/random_walk_bench.py [--size 125x94 --classes 3 --exp-times 8 --radius 5 --beta 10
                                      --repeats 3 --dense-max-pixels 3000 --dense-size WxH,...
@@ -99,16 +99,24 @@ def worker(args) -> dict:
     edge = np.maximum(edge, 0.9 * (dist < 0.75))
   cams = rng.random((args.classes, h, w))
   cams, edge = jnp.asarray(cams, jnp.float32), jnp.asarray(edge, jnp.float32)
-  fn = rw.random_walk if args.worker == "sparse" else rw.random_walk_dense
-  static = dict(exp_times=args.exp_times, radius=args.radius)
   jax.block_until_ready((cams, edge))
   baseline = rss_bytes()
 
   t = time.perf_counter()
-  compiled = fn.lower(cams, edge, beta=args.beta, **static).compile()
+  if args.worker == "sparse":
+    walk = rw.random_walk.lower(cams, edge, beta=args.beta, exp_times=args.exp_times, radius=args.radius)
+    walk = walk.compile()
+    programs = [walk]
+    run = lambda: walk(cams, edge, beta=args.beta)
+  else:  # random_walk_dense's two programs
+    trans = rw.dense_transition.lower(edge, args.beta, radius=args.radius).compile()
+    px_sq = jax.ShapeDtypeStruct((h * w, h * w), jnp.float32)
+    propagate = rw.dense_propagate.lower(cams, edge, px_sq, exp_times=args.exp_times).compile()
+    programs = [trans, propagate]
+    run = lambda: propagate(cams, edge, trans(edge, args.beta))
   compile_s = time.perf_counter() - t
   after_compile = rss_bytes()
-  call = lambda: jax.block_until_ready(compiled(cams, edge, beta=args.beta))
+  call = lambda: jax.block_until_ready(run())
   t = time.perf_counter()
   out = call()  # warm-up
   warmup_s = time.perf_counter() - t
@@ -119,10 +127,12 @@ def worker(args) -> dict:
       t = time.perf_counter()
       call()
       times.append(time.perf_counter() - t)
-  mem = compiled.memory_analysis()
-  xla_bytes = None
-  if mem is not None:
-    xla_bytes = int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
+  xla_bytes = None  # the largest program's temporaries + arguments + outputs
+  mems = [p.memory_analysis() for p in programs]
+  if all(m is not None for m in mems):
+    xla_bytes = max(
+        int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) for m in mems
+    )
   counted = hand_count(args.worker, w, h, args.classes, args.radius)
   return dict(
       variant=args.worker,

@@ -68,7 +68,7 @@ def _step(x: jax.Array, weights: jax.Array, radius: int) -> jax.Array:
 
   In float32 the weights sum to 1 only to ~1e-7, and the plain sum compounds that over 256 steps into
   a ~3e-4 relative drift from the float64 walk; the difference form keeps a constant map exactly
-  constant and stays within ~1e-5 (IRN's dense float32 squaring: ~6e-5; see the tests).
+  constant and stays within ~1e-5 (IRN's dense float32 squaring: up to ~8e-5; see the tests).
   """
   _, h, w = x.shape
   r0 = radius - 1
@@ -109,20 +109,35 @@ def dense_affinity(edge: jax.Array, radius: int) -> jax.Array:
   return mat.at[diag, diag].set(1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("exp_times", "radius"))
+@functools.partial(jax.jit, static_argnames=("radius",))
+def dense_transition(edge: jax.Array, beta: float, radius: int) -> jax.Array:
+  """IRN's to_transition_matrix before the squaring: [h·w, h·w] A^β normalised over each column."""
+  mat = dense_affinity(edge.astype(_float_dtype(edge)), radius) ** beta
+  return mat / jnp.sum(mat, axis=0, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames=("exp_times",))
+def dense_propagate(cams: jax.Array, edge: jax.Array, trans: jax.Array, exp_times: int) -> jax.Array:
+  """(cams ⊙ (1 - edge)) · trans^(2^exp_times) by `exp_times` squarings, as IRN."""
+  k, h, w = cams.shape
+  for _ in range(exp_times):
+    trans = jnp.matmul(trans, trans, precision=_HI)
+  x = (cams * (1.0 - edge)).reshape(k, h * w).astype(trans.dtype)
+  return jnp.matmul(x, trans, precision=_HI).reshape(k, h, w)
+
+
 def random_walk_dense(
     cams: jax.Array, edge: jax.Array, *, beta: float = 10, exp_times: int = 8, radius: int = 5
 ) -> jax.Array:
-  """IRN's dense propagate_to_edge, for tests and benchmarks: O((h·w)²) memory, O((h·w)³) time."""
-  k, h, w = cams.shape
+  """IRN's dense propagate_to_edge, for tests and benchmarks: O((h·w)²) memory, O((h·w)³) time.
+
+  Two jitted programs, like IRN's eager torch calls: in a single XLA:CPU program the power and the
+  column normalisation fuse into the first matmul (a YNNPACK dot fusion, optimization_barrier or
+  not), which made it 4x slower than the plain matmul at 5808 pixels.
+  """
   dtype = _float_dtype(cams, edge)
   cams, edge = cams.astype(dtype), edge.astype(dtype)
-  mat = dense_affinity(edge, radius) ** beta
-  trans = mat / jnp.sum(mat, axis=0, keepdims=True)
-  for _ in range(exp_times):
-    trans = jnp.matmul(trans, trans, precision=_HI)
-  x = (cams * (1.0 - edge)).reshape(k, h * w)
-  return jnp.matmul(x, trans, precision=_HI).reshape(k, h, w)
+  return dense_propagate(cams, edge, dense_transition(edge, beta, radius), exp_times)
 
 
 def to_mask_scores(rw: jax.Array, out_hw: tuple[int, int], *, scale: int = 4) -> jax.Array:
