@@ -60,6 +60,11 @@ def small_voc_config(root, **overrides):
   c.eval.batch_size = 4
   c.eval.pad_multiple = 32
   c.mesh.data = 1
+  # The CAM stages and a seed export; refinement and segmentation have their own tests.
+  c.stages = "train_cam,make_cam,eval_cam,export"
+  c.cam.scales = (1.0, 0.5)
+  c.export.source = "seed"
+  c.report.enabled = False
   for k, v in overrides.items():
     section, key = k.split(".")
     c[section][key] = v
@@ -112,11 +117,14 @@ def test_voc_layout_end_to_end(tmp_path):
   assert summary["train_cam"]["steps"] == 2
   assert summary["eval_cam"]["images"] == 8 and summary["eval_cam"]["split"] == "train"
   assert set(summary["per_class_iou"]["seed"]) == set(VOC_CLASSES)
+  assert np.isfinite(summary["mask_miou"]) and len(os.listdir(tmp_path / "run" / "masks")) == 12 + 1
 
 
 @pytest.mark.skipif(not FIXTURE.exists(), reason="the shared VOC sample is not beside the repo")
 def test_real_voc_sample_end_to_end(tmp_path):
-  config = small_voc_config(FIXTURE, **{"data.train_split": "train", "data.eval_split": "val"})
+  config = small_voc_config(
+      FIXTURE, **{"data.train_split": "train", "data.eval_split": "val", "cam.split": "val"}
+  )
   summary = cli.run(config, str(tmp_path / "run"))
   assert np.isfinite(summary["seed_miou"]) and summary["eval_cam"]["images"] == 10
 
