@@ -4,12 +4,15 @@ summary.md with a row per stage, the report's figures, and the PNG masks on disk
 import math
 import os
 
+import pytest
+
 from cpal_jax import main as cli
 from cpal_jax.data import palette
 from cpal_jax.infer import export
 from test_train import tiny_config
 
 
+@pytest.mark.slow
 def test_all_stages_fill_every_summary_key(tmp_path):
   config = tiny_config(
       **{

@@ -558,11 +558,13 @@ def test_unknown_flags_are_errors():
       ppc.contrast_losses(cam, f, cam, f, jnp.ones((1, 3)), jax.random.key(0), cfg(**bad))
 
 
+@pytest.mark.slow
 def test_ppc_train_steps_eight_devices_match_one(tmp_path):
   config = tiny_config(**{"method.name": "ppc", "method.ppc.view2_size": 32})
   _eight_vs_one(config, tmp_path, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_runs_ppc(tmp_path):
   tiny = {
       "method.name": "ppc",

@@ -31,6 +31,7 @@ def tiny_config(**overrides):
   c.eval.batch_size = 8
   c.mesh.data = 1
   c.report.enabled = False  # tests/test_report.py and the full-pipeline test cover it
+  c.stages = "train_cam,make_cam,eval_cam"  # the later stages have their own tests
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")
