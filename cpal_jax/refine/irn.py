@@ -31,7 +31,7 @@ import optax
 from PIL import Image
 
 from cpal_jax import checkpointing, reporting
-from cpal_jax.data import palette, pipeline, transforms
+from cpal_jax.data import label_png, pipeline, transforms
 from cpal_jax.models import irn as irn_model
 from cpal_jax.models import pretrained
 from cpal_jax.parallel import sharding
@@ -54,46 +54,18 @@ def ckpt_dir(workdir: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ data
-class IRLabelSource:
-  """The images of a split, each with its IR label: {"id", "image" uint8 [H,W,3], "ir_label" uint8 [H,W]}.
-
-  Every label file is looked up when the source is made, so a missing one fails before training
-  starts, not in a loader thread hours in.
-  """
-
-  def __init__(self, source, label_dir: str, num_classes: int):
-    self._source, self._dir, self._num_classes = source, label_dir, num_classes
-    ids = source.ids()
-    missing = [i for i in ids if not os.path.exists(self.path(i))]
-    if missing:
-      raise FileNotFoundError(
-          f"IR label {self.path(missing[0])} not found ({len(missing)} of the {len(ids)} training "
-          "images have none): the refine stage makes the IR labels from the CAM maps before it "
-          "trains IRN; run it first (--config.stages=...,make_cam,refine)"
-      )
-
-  def path(self, image_id: str) -> str:
-    return os.path.join(self._dir, f"{image_id}.png")
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int) -> dict:
-    el = self._source[index]
-    path = self.path(el["id"])
-    label = palette.load_label_png(path)
-    if label.shape != el["image"].shape[:2]:
-      raise ValueError(
-          f"IR label {path} is {label.shape[0]}x{label.shape[1]} but its image is "
-          f"{el['image'].shape[0]}x{el['image'].shape[1]}; delete it and re-run the refine stage"
-      )
-    bad = (label >= self._num_classes) & (label != IGNORE)
-    if bad.any():
-      raise ValueError(
-          f"IR label {path} holds value {int(label[bad][0])}, not a class of data.num_classes="
-          f"{self._num_classes} nor {IGNORE} (unsure)"
-      )
-    return {"id": el["id"], "image": el["image"], "ir_label": label}
+def IRLabelSource(source, label_dir: str, num_classes: int) -> label_png.LabelPNGSource:
+  """The images of a split with their IR labels under "ir_label" (255 = unsure)."""
+  return label_png.LabelPNGSource(
+      source,
+      label_dir,
+      num_classes,
+      key="ir_label",
+      kind="IR label",
+      stage="refine",
+      hint="the refine stage makes the IR labels from the CAM maps before it trains IRN; run it first "
+      "(--config.stages=...,make_cam,refine)",
+  )
 
 
 class IRNAugment(grain.transforms.RandomMap):

@@ -38,7 +38,7 @@ from flax import traverse_util
 from PIL import Image
 
 from cpal_jax import checkpointing, reporting
-from cpal_jax.data import palette, pipeline, transforms
+from cpal_jax.data import label_png, pipeline, transforms
 from cpal_jax.infer import export
 from cpal_jax.models import deeplab, pretrained
 from cpal_jax.parallel import sharding
@@ -122,49 +122,17 @@ def check(config) -> None:
 
 
 # ------------------------------------------------------------------------------------------ data
-class PseudoMaskSource:
-  """The images of a split with their exported pseudo masks: {"id", "image", "mask"}.
-
-  Every mask file is looked up when the source is made, so a missing one fails before training
-  starts, not in a loader thread hours in.
-  """
-
-  def __init__(self, source, mask_dir: str, num_classes: int):
-    self._source, self._dir, self._num_classes = source, mask_dir, num_classes
-    ids = source.ids()
-    missing = [i for i in ids if not os.path.exists(self.path(i))]
-    if missing:
-      raise FileNotFoundError(
-          f"pseudo mask {self.path(missing[0])} not found ({len(missing)} of the {len(ids)} training "
-          "images have none): the export stage writes them; run it first "
-          "(--config.stages=...,export,train_seg)"
-      )
-
-  def path(self, image_id: str) -> str:
-    return os.path.join(self._dir, f"{image_id}.png")
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def ids(self) -> list[str]:
-    return self._source.ids()
-
-  def __getitem__(self, index: int) -> dict:
-    el = self._source[index]
-    path = self.path(el["id"])
-    mask = palette.load_label_png(path)
-    if mask.shape != el["image"].shape[:2]:
-      raise ValueError(
-          f"pseudo mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image is "
-          f"{el['image'].shape[0]}x{el['image'].shape[1]}; delete it and re-run the export stage"
-      )
-    bad = (mask >= self._num_classes) & (mask != IGNORE)
-    if bad.any():
-      raise ValueError(
-          f"pseudo mask {path} holds value {int(mask[bad][0])}, not a class of data.num_classes="
-          f"{self._num_classes} nor {IGNORE} (ignored)"
-      )
-    return {"id": el["id"], "image": el["image"], "mask": mask}
+def PseudoMaskSource(source, mask_dir: str, num_classes: int) -> label_png.LabelPNGSource:
+  """The images of a split with their exported pseudo masks under "mask"."""
+  return label_png.LabelPNGSource(
+      source,
+      mask_dir,
+      num_classes,
+      key="mask",
+      kind="pseudo mask",
+      stage="export",
+      hint="the export stage writes them; run it first (--config.stages=...,export,train_seg)",
+  )
 
 
 def _linear_taps(n_in: int, n_out: int):
