@@ -170,8 +170,10 @@ _BN_LEAVES = {
 }
 
 
-def _torch_module_name(name: str, layout: str) -> tuple[str, str] | None:
-  """(flax module path, 'conv' | 'bn') of a torch module name, None for heads and other layers."""
+def torch_module_name(name: str, layout: str) -> tuple[str, str] | None:
+  """(flax module path, 'conv' | 'bn') of a torch module name, None for heads and other layers.
+
+  Shared with the checkpoint converter (cpal_jax.convert_weights), which converts every backbone."""
   parts = name.split(".")
   if layout == "torchvision":
     if parts[0] in ("conv1", "bn1"):
@@ -192,6 +194,8 @@ def _torch_module_name(name: str, layout: str) -> tuple[str, str] | None:
     kind = parts[3]
     if parts[2] == "shortcut":
       return f"{block}/downsample_{kind}", kind
+    if parts[2] not in _CAFFE_BRANCH:
+      return None
     return f"{block}/{kind}{_CAFFE_BRANCH[parts[2]]}", kind
   return None
 
@@ -210,7 +214,7 @@ def convert_torch_state(state: Mapping[str, np.ndarray], layout: str) -> dict[st
   for key, value in state.items():
     name = key[len("base.") :] if key.startswith("base.") else key
     module, _, leaf = name.rpartition(".")
-    found = _torch_module_name(module, layout)
+    found = torch_module_name(module, layout)
     if found is None or leaf == "num_batches_tracked":
       continue
     path, kind = found
