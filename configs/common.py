@@ -19,8 +19,17 @@ def base() -> ml_collections.ConfigDict:
   c.data.eval_split = "train_eval"  # where seeds and masks are scored
   c.data.val_split = "val"  # segmentation validation
   c.data.num_classes = 21  # background included
-  c.data.labels = "auto"  # voc: auto | xml | cls_labels | mask | path to .json/.npy
+  c.data.labels = "auto"  # voc: auto | xml | cls_labels | mask | path to .json/.npz/.npy
   c.data.mask_dir = "auto"  # voc: auto (SegmentationClassAug, else SegmentationClass) | a folder name
+  # voc, a bad input file (missing, corrupt or truncated image, bad mask, bad label, repeated id):
+  # strict: stop with an error naming the file and the fix (missing files and label tables at startup,
+  # decoding when read); skip: check every listed id at startup (decodes each image and mask, about
+  # 3-5 ms per VOC image on one core), drop the bad ones and log their count and the first reasons.
+  c.data.on_bad_input = "strict"  # strict | skip
+  # Label tables load without unpickling. True lets a pickled .npy (IRN/SIPE's cls_labels.npy) load,
+  # which runs code from the file: only for a file you trust. Or convert it once to JSON:
+  # python -c "from cpal_jax.data.voc import npy_to_json; npy_to_json('cls_labels.npy')"
+  c.data.allow_pickle = False
   c.data.image_size = 0  # synthetic only
   c.data.num_train = 0  # synthetic only: 0 = the split's default size
   c.data.num_eval = 0  # synthetic only

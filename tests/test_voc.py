@@ -122,7 +122,9 @@ def test_masks_palette_and_gray(tiny_voc):
 
 
 def test_mask_dir_auto_prefers_aug(tiny_voc):
-  (tiny_voc / "SegmentationClassAug").mkdir()
+  import shutil
+
+  shutil.copytree(tiny_voc / "SegmentationClass", tiny_voc / "SegmentationClassAug")
   assert VOCSource(str(tiny_voc), "train", with_mask=True).mask_dir.name == "SegmentationClassAug"
 
 
@@ -147,11 +149,18 @@ def test_json_and_npy_tables(tiny_voc, tmp_path):
   (tiny_voc / "cls_labels.json").write_text(json.dumps(table))
   src = VOCSource(str(tiny_voc), "train", labels="cls_labels")
   np.testing.assert_array_equal(src[1]["label"], multi_hot(["cow", "sofa"]))
-  # IRN's own cls_labels.npy uses int ids (2007000001); both key styles must work.
+  # IRN's own cls_labels.npy is a pickled dict with int ids (2007000001): read only with
+  # allow_pickle, and both key styles must work.
   npy = tmp_path / "irn.npy"
   np.save(npy, {int(k.replace("_", "")): np.asarray(v, np.float32) for k, v in table.items()})
   np.testing.assert_array_equal(
-      VOCSource(str(tiny_voc), "train", labels=str(npy))[0]["label"], multi_hot(["bus"])
+      VOCSource(str(tiny_voc), "train", labels=str(npy), allow_pickle=True)[0]["label"], multi_hot(["bus"])
+  )
+  # A .npz of id -> vector is plain numpy: no pickle needed.
+  npz = tmp_path / "labels.npz"
+  np.savez(npz, **{k: np.asarray(v, np.float32) for k, v in table.items()})
+  np.testing.assert_array_equal(
+      VOCSource(str(tiny_voc), "train", labels=str(npz))[1]["label"], multi_hot(["cow", "sofa"])
   )
 
 
@@ -166,20 +175,29 @@ def test_auto_without_annotations_prefers_json_then_mask(tiny_voc):
 
 def test_npy_is_not_unpickled_implicitly(tiny_voc):
   np.save(tiny_voc / "cls_labels.npy", {k: multi_hot(["car"]) for k in TINY})
-  with pytest.raises(FileNotFoundError, match="pickle: pass labels="):
+  with pytest.raises(FileNotFoundError, match="is a pickle: convert it once to JSON"):
     VOCSource(str(tiny_voc), "train", labels="cls_labels")
+  # Opting in reads it.
+  src = VOCSource(str(tiny_voc), "train", labels="cls_labels", allow_pickle=True)
+  assert src.labels_path.name == "cls_labels.npy"
 
 
 def test_errors_are_one_line_and_name_the_file(tiny_voc):
-  (tiny_voc / "JPEGImages" / "2007_000002.jpg").unlink()
   src = VOCSource(str(tiny_voc), "train")
+  (tiny_voc / "JPEGImages" / "2007_000002.jpg").unlink()
   with pytest.raises(FileNotFoundError) as e:
-    src[1]
+    src[1]  # deleted after construction: found when read
+  msg = str(e.value)
+  assert "2007_000002.jpg" in msg and "ImageSets/Segmentation/train.txt" in msg and "\n" not in msg
+  with pytest.raises(FileNotFoundError) as e:
+    VOCSource(str(tiny_voc), "train")  # missing at construction: found by one folder listing
   msg = str(e.value)
   assert "2007_000002.jpg" in msg and "ImageSets/Segmentation/train.txt" in msg and "\n" not in msg
 
-  with pytest.raises(FileNotFoundError, match="JPEGImages"):
+  with pytest.raises(FileNotFoundError, match="root does not exist: .*nope"):
     VOCSource(str(tiny_voc / "nope"), "train")
+  with pytest.raises(FileNotFoundError, match="no JPEGImages/"):
+    VOCSource(str(tiny_voc / "Annotations"), "train")
   with pytest.raises(FileNotFoundError, match="use one of"):
     VOCSource(str(tiny_voc), "trainval")
   with pytest.raises(ValueError, match="not understood"):
@@ -254,7 +272,8 @@ def test_fixture_json_labels_match_masks(fixture_root):
 
 
 def test_fixture_npy_equals_json_and_aug_masks(fixture_root):
-  src = VOCSource(str(fixture_root), "val", labels=str(fixture_root / "cls_labels.npy"), with_mask=True)
+  npy = str(fixture_root / "cls_labels.npy")  # SIPE's pickled dict: read only when allowed
+  src = VOCSource(str(fixture_root), "val", labels=npy, with_mask=True, allow_pickle=True)
   ref = VOCSource(str(fixture_root), "val", mask_dir="SegmentationClass", with_mask=True)
   assert src.mask_dir.name == "SegmentationClassAug"
   for i in (0, len(src) - 1):

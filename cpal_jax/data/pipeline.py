@@ -15,6 +15,12 @@ from cpal_jax.data import transforms
 def make_source(config, split: str, with_mask: bool = False):
   """The random-access source of `split` for config.data.name."""
   d = config.data
+  on_bad_input = d.get("on_bad_input", "strict")
+  if on_bad_input not in ("strict", "skip"):
+    raise ValueError(
+        f"data.on_bad_input={on_bad_input!r} not understood; choose 'strict' (stop at a bad file) "
+        "or 'skip' (drop bad ids at startup, counted and logged)"
+    )
   if d.name == "synthetic":
     from cpal_jax.data import synthetic
 
@@ -27,7 +33,15 @@ def make_source(config, split: str, with_mask: bool = False):
 
     if not d.root:
       raise ValueError("data.root is empty: pass --config.data.root=/path/to/VOCdevkit/VOC2012")
-    src = voc.VOCSource(d.root, split, labels=d.labels, mask_dir=d.mask_dir, with_mask=with_mask)
+    src = voc.VOCSource(
+        d.root,
+        split,
+        labels=d.labels,
+        mask_dir=d.mask_dir,
+        with_mask=with_mask,
+        on_bad_input=on_bad_input,
+        allow_pickle=d.get("allow_pickle", False),
+    )
   elif d.name == "coco":
     raise NotImplementedError(
         "data.name=coco: the COCO 2014 loader is not part of this version yet; "
