@@ -43,9 +43,12 @@ def make_source(config, split: str, with_mask: bool = False):
         allow_pickle=d.get("allow_pickle", False),
     )
   elif d.name == "coco":
-    raise NotImplementedError(
-        "data.name=coco: the COCO 2014 loader is not part of this version yet; "
-        "use data.name=voc or synthetic"
+    from cpal_jax.data import coco
+
+    if not d.root:
+      raise ValueError("data.root is empty: pass --config.data.root=/path/to/coco (train2014/, annotations/)")
+    src = coco.COCOSource(
+        d.root, split, subset=d.get("coco_subset", "auto"), mask_dir=d.mask_dir, with_mask=with_mask
     )
   else:
     raise ValueError(f"unknown data.name {d.name!r}: choose synthetic, voc or coco")
