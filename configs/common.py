@@ -71,6 +71,9 @@ def base() -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.ckpt_every = 500
   c.train.ckpt_keep = 2
+  # A non-finite loss or gradient: stop (the last checkpoint holds the last good state) | skip the
+  # step (state unchanged, counted in the summary's skipped_steps).
+  c.train.nonfinite = "stop"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16
@@ -126,6 +129,7 @@ def base() -> ml_collections.ConfigDict:
   c.refine.irn.stop_at_step = 0  # >0: checkpoint and stop there (the schedule still spans num_steps)
   c.refine.irn.log_every = 50
   c.refine.irn.ckpt_every = 500
+  c.refine.irn.nonfinite = "stop"  # stop (keep the last good checkpoint) | skip (count and skip)
   # Edge-map inference pads each image to a multiple of this: IRN pads every VOC image to 512x512
   # (its crop); a smaller multiple saves compute but changes the values near the padding a little.
   c.refine.irn.pad_multiple = 512

@@ -3,7 +3,6 @@ config keys a resumed run must agree with. Writes are atomic (orbax finalises a 
 only when complete), so a half-written checkpoint is never restored."""
 
 import json
-import logging
 import os
 
 import grain
@@ -47,6 +46,17 @@ class Checkpointer:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+def has_checkpoint(directory: str) -> bool:
+  """Whether a finished checkpoint exists (without creating the folder)."""
+  if not os.path.isdir(directory):
+    return False
+  ckpt = Checkpointer(directory, async_save=False)
+  try:
+    return ckpt.latest_step() is not None
+  finally:
+    ckpt.close()
 
 
 def check_compatible(saved: dict, current: dict, directory: str) -> None:

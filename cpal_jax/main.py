@@ -7,7 +7,7 @@
 Every stage reads only what earlier stages wrote to the workdir, so any suffix can be re-run.
 """
 
-import json
+import sys
 import logging
 import os
 import time
@@ -56,7 +56,7 @@ def run(config, workdir: str) -> dict:
 
   stages = parse_stages(config.stages)
   distributed.initialize(config)
-  os.makedirs(workdir, exist_ok=True)
+  check_workdir(workdir)
   if distributed.is_main():
     reporting.atomic_write_text(
         os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n"
@@ -80,6 +80,20 @@ def run(config, workdir: str) -> dict:
     print(reporting.format_summary(summary))
     print(f"\nsummary: {os.path.join(workdir, 'summary.json')}")
   return summary
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails before any work when the workdir cannot be created or written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(
+        f"workdir {workdir} is not writable ({e.strerror}); pass --workdir=<a folder you can write>"
+    ) from None
 
 
 def setup_logging() -> None:
@@ -110,9 +124,15 @@ def cli() -> None:
       raise app.UsageError(
           f"unexpected arguments {argv[1:]}; options are --config, --config.<key>=value, --workdir"
       )
+    from cpal_jax.train import loop
+
     setup_logging()
     config = config_flag.value
-    run(config, workdir_flag.value or config.workdir or os.path.join("runs", "default"))
+    try:
+      run(config, workdir_flag.value or config.workdir or os.path.join("runs", "default"))
+    except loop.Preempted as e:
+      log.warning("%s", e)
+      sys.exit(loop.PREEMPTED_EXIT_CODE)
 
   app.run(main)
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cpal_jax import image_ops, reporting
+from cpal_jax import diskspace, faults, image_ops, reporting
 from cpal_jax.data import pipeline
 from cpal_jax.method import cpal, sipe
 from cpal_jax.models import cam_net
@@ -208,6 +208,11 @@ def run(config, workdir: str) -> dict:
       high_res = normalise(fuse_scales([m[channels] for m in per_scale[j]], (h, w)))
       strided = normalise(fuse_scales([m[channels] for m in per_scale[j]], (-(-h // 4), -(-w // 4))))
       write_maps(map_path(workdir, el["id"]), keys, high_res, strided, config.cam.write_npy)
+      faults.point(f"make_cam/image/{start + j + 1}")
+    if start == 0:
+      diskspace.require_like(
+          [map_path(workdir, el["id"]) for el in chunk], len(todo) - len(chunk), f"{len(todo)} CAM files"
+      )
     bar.update(len(chunk))
   bar.close()
   summary["make_cam"].update(checkpoint_step=step, written=len(todo), seconds=round(time.time() - t0, 1))

@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from cpal_jax import reporting
+from cpal_jax import diskspace, faults, reporting
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.infer import cam as infer_cam
@@ -73,10 +73,14 @@ def run(config, workdir: str) -> dict:
   mine = ids[jax.process_index() :: jax.process_count()]
   todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, f"{i}.png"))]
   bar = reporting.progress(len(mine), "export", initial=len(mine) - len(todo))
-  for image_id in todo:
+  for n, image_id in enumerate(todo, 1):
     mask = _mask_of(config, workdir, image_id, threshold)
     mask = np.where(mask == miou.IGNORE, 0, mask)
     palette.save_label_png(os.path.join(out_dir, f"{image_id}.png"), mask)
+    faults.point(f"export/image/{n}")
+    if n == min(8, len(todo)):
+      paths = [os.path.join(out_dir, f"{i}.png") for i in todo[:n]]
+      diskspace.require_like(paths, len(todo) - n, f"{len(todo)} pseudo masks")
     bar.update(1)
   bar.close()
   result = score(config, workdir)

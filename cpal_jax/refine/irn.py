@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Callable, Sequence
 
 import grain
@@ -30,14 +29,13 @@ import numpy as np
 import optax
 from PIL import Image
 
-from cpal_jax import checkpointing, reporting
+from cpal_jax import checkpointing
 from cpal_jax.data import label_png, pipeline, transforms
 from cpal_jax.models import irn as irn_model
 from cpal_jax.models import pretrained
 from cpal_jax.parallel import sharding
 from cpal_jax.refine import affinity
-from cpal_jax.train import optim, state as state_lib
-from cpal_jax.train.cam import NonFiniteError
+from cpal_jax.train import loop, optim, state as state_lib
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +189,7 @@ def _check(config) -> None:
         f"refine.irn.strides={tuple(irn.strides)} must be 4 values starting with 2: the IR labels are "
         "reduced x0.25 to the stem's stride-4 grid"
     )
+  loop.check_nonfinite_policy(irn.nonfinite, "refine.irn.nonfinite")
 
 
 def build(config, mesh, num_steps: int) -> Setup:
@@ -228,8 +227,11 @@ def build(config, mesh, num_steps: int) -> Setup:
       log.info("irn: loaded %d tensors from %s", loaded, irn.pretrained)
     return jax.jit(fresh, out_shardings=shardings)(variables)
 
+  train_step = make_train_step(model, tx, irn.radius, irn.irn_window)
+  if irn.nonfinite == "skip":
+    train_step = loop.skip_nonfinite(train_step)
   step_fn = jax.jit(
-      make_train_step(model, tx, irn.radius, irn.irn_window),
+      train_step,
       in_shardings=(shardings, sharding.batch_sharded(mesh)),
       out_shardings=(shardings, repl),
       donate_argnums=(0,),
@@ -264,74 +266,40 @@ def train(config, workdir: str) -> dict:
   setup = build(config, mesh, schedule.num_steps)
   data_iter = train_iterator(config, source, schedule, jax.process_index(), jax.process_count())
 
-  ckpt = checkpointing.Checkpointer(ckpt_dir(workdir), keep=config.train.ckpt_keep)
-  meta = fingerprint(config, schedule.num_steps)
-  start = ckpt.latest_step() or 0
-  if start:
-    checkpointing.check_compatible(ckpt.restore_meta(start), meta, ckpt.directory)
-    state, _ = ckpt.restore(start, setup.abstract_state, data_iter)
-    log.info("irn: resumed from step %d in %s", start, ckpt.directory)
-  else:
-    state = setup.init_state()
+  spec = loop.Loop(
+      name="train_irn",
+      ckpt_dir=ckpt_dir(workdir),
+      tb_dir=os.path.join(workdir, "irn", "tb"),
+      meta=fingerprint(config, schedule.num_steps),
+      schedule=schedule,
+      lr=optim.poly(irn.lr, schedule.num_steps, POLY_POWER),
+      log_every=irn.log_every,
+      ckpt_every=irn.ckpt_every,
+      ckpt_keep=config.train.ckpt_keep,
+      nonfinite=irn.nonfinite,
+      summary_line=lambda step, m: (
+          f"irn step {step}/{schedule.num_steps}  loss {m['loss/total']:.4f} (bg {m['loss/bg_pos']:.4f} "
+          f"fg {m['loss/fg_pos']:.4f} neg {m['loss/neg']:.4f})  lr {m['lr']:.4g}"
+      ),
+  )
+  ckpt, state, start = loop.restore_or_init(
+      spec, setup.abstract_state, setup.init_state, data_iter, loop.tree_bytes(setup.abstract_state)
+  )
   stop = min(irn.stop_at_step or schedule.num_steps, schedule.num_steps)
-
-  writer = reporting.ScalarWriter(os.path.join(workdir, "irn", "tb"))
-  bar = reporting.progress(stop, "train_irn", initial=start)
-  t0, last, pending = time.time(), {}, []
-  for step in range(start, stop):
-    batch = sharding.global_batch(next(data_iter), mesh)
-    state, metrics = setup.step_fn(state, batch)
-    pending.append(metrics)
-    bar.update(1)
-    done = step + 1
-    if done % irn.log_every == 0 or done == stop:
-      last = _log(pending, done, schedule, irn, writer, bar)
-      pending = []
-    if done % irn.ckpt_every == 0 and done != stop:
-      ckpt.save(done, state, data_iter, meta)
-  bar.close()
-  if stop > start or start == 0:
-    ckpt.save(stop, state, data_iter, meta)
-  ckpt.close()
-  writer.close()
-  data_iter.close()
-  secs = time.time() - t0
+  res = loop.run(
+      spec, ckpt, state, data_iter, mesh, start, stop, lambda state, batch, step: setup.step_fn(state, batch)
+  )
   return {
       "irn": {
           "steps": stop,
           "num_steps": schedule.num_steps,
           "epochs": stop / schedule.steps_per_epoch,
           "images": len(source),
-          "final_loss": last.get("loss/total"),
-          "images_per_second": (stop - start) * schedule.global_batch / secs if stop > start else None,
+          "final_loss": res.last.get("loss/total"),
+          "images_per_second": res.images_per_second(schedule.global_batch),
+          "skipped_steps": res.skipped_steps,
       }
   }
-
-
-def _log(pending: list, step: int, schedule, irn, writer, bar) -> dict:
-  """Averages the metrics since the last log; stops on a non-finite loss with the step range."""
-  host = jax.device_get(pending)
-  avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-  if not all(np.isfinite(v) for v in avg.values()):
-    raise NonFiniteError(
-        f"irn: non-finite loss or gradient between steps {step - len(host) + 1} and {step}: "
-        f"{avg}; the last checkpoint is kept"
-    )
-  avg["lr"] = float(optim.poly(irn.lr, schedule.num_steps, POLY_POWER)(step - 1))
-  avg["epoch"] = step / schedule.steps_per_epoch
-  writer.scalars(step, avg)
-  bar.set_postfix(loss=f"{avg['loss/total']:.4f}", epoch=f"{avg['epoch']:.2f}")
-  log.info(
-      "irn step %d/%d  loss %.4f (bg %.4f fg %.4f neg %.4f)  lr %.4g",
-      step,
-      schedule.num_steps,
-      avg["loss/total"],
-      avg["loss/bg_pos"],
-      avg["loss/fg_pos"],
-      avg["loss/neg"],
-      avg["lr"],
-  )
-  return avg
 
 
 # -------------------------------------------------------------------------------------- inference

@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from cpal_jax import image_ops, reporting
+from cpal_jax import faults, image_ops, reporting
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.infer import cam as infer_cam
@@ -170,13 +170,14 @@ def run_walk(config, workdir: str, split: str) -> None:
     return
   edge_fn = irn.load_edge_fn(config, workdir)
   bar = reporting.progress(len(mine), "refine/random_walk", initial=len(mine) - len(todo))
-  for i in todo:
+  for n, i in enumerate(todo, 1):
     el = source[i]
     maps = infer_cam.load_maps(infer_cam.map_path(workdir, el["id"]))
     labels = walk_labels(
         config, maps, edge_fn(el["image"]), el["image"].shape[:2], config.refine.walk.pad_multiple
     )
     palette.save_label_png(os.path.join(out_dir, f"{el['id']}.png"), labels)
+    faults.point(f"random_walk/image/{n}")
     bar.update(1)
   bar.close()
 

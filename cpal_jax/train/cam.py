@@ -8,20 +8,18 @@ and resumes from the workdir.
 import dataclasses
 import logging
 import os
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from cpal_jax import checkpointing, image_ops, reporting
+from cpal_jax import checkpointing, image_ops
 from cpal_jax.data import pipeline
 from cpal_jax.method import objectives, ppc
 from cpal_jax.models import cam_net, pretrained
 from cpal_jax.parallel import sharding
-from cpal_jax.train import optim, state as state_lib
+from cpal_jax.train import loop, optim, state as state_lib
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +80,6 @@ def make_train_step(model, tx: optax.GradientTransformation, config):
   return train_step
 
 
-class NonFiniteError(FloatingPointError):
-  pass
-
-
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What the loop, the tests and the inference stages need from one config."""
@@ -100,6 +94,7 @@ class Setup:
 
 def build(config, mesh, num_train: int) -> Setup:
   objectives.check(config)
+  loop.check_nonfinite_policy(config.train.nonfinite, "train.nonfinite")
   schedule = pipeline.make_schedule(config, num_train)
   sharding.check_batch(config.train.batch_size, mesh)
   model = cam_net.from_config(config)
@@ -136,8 +131,11 @@ def build(config, mesh, num_train: int) -> Setup:
       log.info("loaded %d tensors from %s", n, config.model.pretrained)
     return jax.jit(fresh, out_shardings=shardings)(variables)
 
+  train_step = make_train_step(model, tx, config)
+  if config.train.nonfinite == "skip":
+    train_step = loop.skip_nonfinite(train_step)
   step_fn = jax.jit(
-      make_train_step(model, tx, config),
+      train_step,
       in_shardings=(shardings, sharding.batch_sharded(mesh), repl),
       out_shardings=(shardings, repl),
       donate_argnums=(0,),
@@ -155,77 +153,60 @@ def train(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh.data)
   source = pipeline.make_source(config, config.data.train_split)
   setup = build(config, mesh, len(source))
-  schedule, step_fn = setup.schedule, setup.step_fn
+  schedule = setup.schedule
   data_iter = pipeline.train_iterator(config, source, schedule, jax.process_index(), jax.process_count())
-
-  ckpt = checkpointing.Checkpointer(ckpt_dir(workdir), keep=config.train.ckpt_keep)
-  meta = checkpointing.fingerprint(config, {"train.num_steps": schedule.num_steps})
-  start = ckpt.latest_step() or 0
-  if start:
-    checkpointing.check_compatible(ckpt.restore_meta(start), meta, ckpt.directory)
-    state, _ = ckpt.restore(start, setup.abstract_state, data_iter)
-    log.info("resumed from step %d in %s", start, ckpt.directory)
-  else:
-    state = setup.init_state()
-  stop = min(config.train.stop_at_step or schedule.num_steps, schedule.num_steps)
-
-  writer = reporting.ScalarWriter(os.path.join(workdir, "cam", "tb"))
+  t = config.train
+  spec = loop.Loop(
+      name="train_cam",
+      ckpt_dir=ckpt_dir(workdir),
+      tb_dir=os.path.join(workdir, "cam", "tb"),
+      meta=checkpointing.fingerprint(config, {"train.num_steps": schedule.num_steps}),
+      schedule=schedule,
+      lr=optim.poly(t.lr, schedule.num_steps, t.poly_power),
+      log_every=t.log_every,
+      ckpt_every=t.ckpt_every,
+      ckpt_keep=t.ckpt_keep,
+      nonfinite=t.nonfinite,
+  )
+  ckpt, state, start = loop.restore_or_init(
+      spec, setup.abstract_state, setup.init_state, data_iter, loop.tree_bytes(setup.abstract_state)
+  )
+  stop = min(t.stop_at_step or schedule.num_steps, schedule.num_steps)
   base_key = jax.random.key(config.seed + 1)
   kmeans_key = jax.random.key(config.seed + 2)
-  bar = reporting.progress(stop, "train_cam", initial=start)
-  t0, last, pending = time.time(), {}, []
-  for step in range(start, stop):
+
+  def before_step(state, step):
     if objectives.recluster_due(config, step, schedule.steps_per_epoch):
       state = state.replace(extra=setup.recluster(state.extra, jax.random.fold_in(kmeans_key, step)))
-    batch = sharding.global_batch(next(data_iter), mesh)
-    state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
-    pending.append(metrics)
-    bar.update(1)
-    done = step + 1
-    if done % config.train.log_every == 0 or done == stop:
-      last = _log(pending, done, schedule, config, writer, bar)
-      fill = objectives.bank_fill(state.extra, config.data.num_classes - 1)
-      writer.scalars(done, fill)
-      pending = []
-    if done % config.train.ckpt_every == 0 and done != stop:
-      ckpt.save(done, state, data_iter, meta)
-  bar.close()
-  if stop > start or start == 0:
-    ckpt.save(stop, state, data_iter, meta)
-  ckpt.close()
-  writer.close()
-  # Worker processes and their shared memory go now, not at interpreter teardown.
-  data_iter.close()
-  secs = time.time() - t0
-  fill = objectives.bank_fill(state.extra, config.data.num_classes - 1)
+    return state
+
+  def after_log(state, step, writer):
+    writer.scalars(step, objectives.bank_fill(state.extra, config.data.num_classes - 1))
+
+  res = loop.run(
+      spec,
+      ckpt,
+      state,
+      data_iter,
+      mesh,
+      start,
+      stop,
+      lambda state, batch, step: setup.step_fn(state, batch, jax.random.fold_in(base_key, step)),
+      before_step=before_step,
+      after_log=after_log,
+  )
+  fill = objectives.bank_fill(res.state.extra, config.data.num_classes - 1)
   return {
       "train_cam": {
           "steps": stop,
           "num_steps": schedule.num_steps,
           "epochs": stop / schedule.steps_per_epoch,
-          "final_loss": last.get("loss/total"),
-          "images_per_second": (stop - start) * schedule.global_batch / secs if stop > start else None,
+          "final_loss": res.last.get("loss/total"),
+          "images_per_second": res.images_per_second(schedule.global_batch),
+          "skipped_steps": res.skipped_steps,
           **fill,
       },
   }
-
-
-def _log(pending: list, step: int, schedule, config, writer, bar) -> dict:
-  """Averages the metrics since the last log; stops on a non-finite loss with the step range."""
-  host = jax.device_get(pending)
-  avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-  if not all(np.isfinite(v) for v in avg.values()):
-    raise NonFiniteError(
-        f"non-finite loss or gradient between steps {step - len(host) + 1} and {step}: "
-        f"{avg}; the last checkpoint is kept"
-    )
-  avg["lr/backbone"] = float(
-      optim.poly(config.train.lr, schedule.num_steps, config.train.poly_power)(step - 1)
-  )
-  avg["epoch"] = step / schedule.steps_per_epoch
-  writer.scalars(step, avg)
-  bar.set_postfix(loss=f"{avg['loss/total']:.4f}", epoch=f"{avg['epoch']:.2f}")
-  return avg
 
 
 def load_params(config, workdir: str, mesh):

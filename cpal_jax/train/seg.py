@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Callable
 
 import grain
@@ -37,13 +36,12 @@ import optax
 from flax import traverse_util
 from PIL import Image
 
-from cpal_jax import checkpointing, reporting
+from cpal_jax import checkpointing
 from cpal_jax.data import label_png, pipeline, transforms
 from cpal_jax.infer import export
 from cpal_jax.models import deeplab, pretrained
 from cpal_jax.parallel import sharding
-from cpal_jax.train import optim, state as state_lib
-from cpal_jax.train.cam import NonFiniteError
+from cpal_jax.train import loop, optim, state as state_lib
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.ckpt_every = 1000
   c.ckpt_keep = 2
+  c.nonfinite = "stop"  # stop (keep the last good checkpoint) | skip (count and skip the step)
 
   c.eval = ml_collections.ConfigDict()  # eval_seg on data.val_split
   c.eval.scales = (1.0, 0.75, 0.5)  # MSC max fusion, as trained
@@ -109,6 +108,7 @@ def train_split(config) -> str:
 def check(config) -> None:
   s = config.seg
   deeplab.check_layout(s.layout)
+  loop.check_nonfinite_policy(s.nonfinite, "seg.nonfinite")
   if s.batch_norm not in ("frozen", "train"):
     raise ValueError(f"seg.batch_norm={s.batch_norm!r}: choose frozen or train")
   if not s.msc_scales or min(s.msc_scales) <= 0:
@@ -396,8 +396,11 @@ def build(config, mesh, num_steps: int) -> Setup:
       log.info("seg: loaded %d backbone tensors from %s", n, s.pretrained)
     return jax.jit(fresh, out_shardings=shardings)(variables)
 
+  train_step = make_train_step(model, tx, s)
+  if s.nonfinite == "skip":
+    train_step = loop.skip_nonfinite(train_step)
   step_fn = jax.jit(
-      make_train_step(model, tx, s),
+      train_step,
       in_shardings=(shardings, sharding.batch_sharded(mesh)),
       out_shardings=(shardings, repl),
       donate_argnums=(0,),
@@ -436,44 +439,31 @@ def train(config, workdir: str) -> dict:
   setup = build(config, mesh, schedule.num_steps)
   data_iter = train_iterator(config, source, schedule, jax.process_index(), jax.process_count())
 
-  ckpt = checkpointing.Checkpointer(ckpt_dir(workdir), keep=s.ckpt_keep)
-  meta = fingerprint(config, schedule.num_steps)
-  start = ckpt.latest_step() or 0
-  if start:
-    checkpointing.check_compatible(ckpt.restore_meta(start), meta, ckpt.directory)
-    state, _ = ckpt.restore(start, setup.abstract_state, data_iter)
-    log.info("seg: resumed from step %d in %s", start, ckpt.directory)
-  else:
-    if not s.pretrained and s.batch_norm == "frozen":
-      log.warning(
-          "seg: frozen BatchNorm with random init normalises nothing (identity statistics); "
-          "set seg.pretrained to converted ImageNet weights, or seg.batch_norm=train"
-      )
-    state = setup.init_state()
+  spec = loop.Loop(
+      name="train_seg",
+      ckpt_dir=ckpt_dir(workdir),
+      tb_dir=os.path.join(workdir, "seg", "tb"),
+      meta=fingerprint(config, schedule.num_steps),
+      schedule=schedule,
+      lr=optim.poly(s.lr, schedule.num_steps, s.poly_power),
+      log_every=s.log_every,
+      ckpt_every=s.ckpt_every,
+      ckpt_keep=s.ckpt_keep,
+      nonfinite=s.nonfinite,
+      hint=" (a lower seg.lr or seg.balanced_ce=True may help)",
+  )
+  if not s.pretrained and s.batch_norm == "frozen" and not checkpointing.has_checkpoint(spec.ckpt_dir):
+    log.warning(
+        "seg: frozen BatchNorm with random init normalises nothing (identity statistics); "
+        "set seg.pretrained to converted ImageNet weights, or seg.batch_norm=train"
+    )
+  ckpt, state, start = loop.restore_or_init(
+      spec, setup.abstract_state, setup.init_state, data_iter, loop.tree_bytes(setup.abstract_state)
+  )
   stop = min(s.stop_at_step or schedule.num_steps, schedule.num_steps)
-
-  writer = reporting.ScalarWriter(os.path.join(workdir, "seg", "tb"))
-  bar = reporting.progress(stop, "train_seg", initial=start)
-  t0, first, last, pending = time.time(), {}, {}, []
-  for step in range(start, stop):
-    batch = sharding.global_batch(next(data_iter), mesh)
-    state, metrics = setup.step_fn(state, batch)
-    pending.append(metrics)
-    bar.update(1)
-    done = step + 1
-    if done % s.log_every == 0 or done == stop:
-      last = _log(pending, done, schedule, s, writer, bar)
-      first = first or last
-      pending = []
-    if done % s.ckpt_every == 0 and done != stop:
-      ckpt.save(done, state, data_iter, meta)
-  bar.close()
-  if stop > start or start == 0:
-    ckpt.save(stop, state, data_iter, meta)
-  ckpt.close()
-  writer.close()
-  data_iter.close()
-  secs = time.time() - t0
+  res = loop.run(
+      spec, ckpt, state, data_iter, mesh, start, stop, lambda state, batch, step: setup.step_fn(state, batch)
+  )
   return {
       "train_seg": {
           "split": split,
@@ -481,29 +471,14 @@ def train(config, workdir: str) -> dict:
           "steps": stop,
           "num_steps": schedule.num_steps,
           "epochs": stop / schedule.steps_per_epoch,
-          "first_loss": first.get("loss/total"),  # this invocation's first log window
-          "final_loss": last.get("loss/total"),
-          "images_per_second": (stop - start) * schedule.global_batch / secs if stop > start else None,
+          "first_loss": res.first.get("loss/total"),  # this invocation's first log window
+          "final_loss": res.last.get("loss/total"),
+          "images_per_second": res.images_per_second(schedule.global_batch),
+          "skipped_steps": res.skipped_steps,
           "init": s.pretrained or "random",
           "layout": s.layout,
       }
   }
-
-
-def _log(pending: list, step: int, schedule, seg_cfg, writer, bar) -> dict:
-  """Averages the metrics since the last log; stops on a non-finite loss with the step range."""
-  host = jax.device_get(pending)
-  avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-  if not all(np.isfinite(v) for v in avg.values()):
-    raise NonFiniteError(
-        f"seg: non-finite loss or gradient between steps {step - len(host) + 1} and {step}: "
-        f"{avg}; the last checkpoint is kept (a lower seg.lr or seg.balanced_ce=True may help)"
-    )
-  avg["lr/backbone"] = float(optim.poly(seg_cfg.lr, schedule.num_steps, seg_cfg.poly_power)(step - 1))
-  avg["epoch"] = step / schedule.steps_per_epoch
-  writer.scalars(step, avg)
-  bar.set_postfix(loss=f"{avg['loss/total']:.4f}", epoch=f"{avg['epoch']:.2f}")
-  return avg
 
 
 def load_model(config, workdir: str, mesh):

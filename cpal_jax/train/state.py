@@ -3,7 +3,6 @@
 from typing import Any
 
 import flax.struct
-import jax
 import jax.numpy as jnp
 
 from cpal_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
