@@ -34,6 +34,11 @@ def base() -> ml_collections.ConfigDict:
   c.data.num_train = 0  # synthetic only: 0 = the split's default size
   c.data.num_eval = 0  # synthetic only
   c.data.workers = 0  # grain worker processes; 0 = threads in this process
+  # voc/coco packed into ArrayRecord shards by `python -m cpal_jax.data.tfds_pack` (the optional
+  # tensorflow-datasets extra, requirements-tfds.txt). Set: every split is read from
+  # <tfds_dir>/<tfds_name>/1.0.0 instead of data.root (data.name still says which dataset it is).
+  c.data.tfds_dir = ""  # empty: read the tree under data.root
+  c.data.tfds_name = ""  # empty: cpal_<data.name>
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "resnet50"  # resnet50 | resnet101 | resnet_small | resnet_tiny

@@ -21,7 +21,11 @@ def make_source(config, split: str, with_mask: bool = False):
         f"data.on_bad_input={on_bad_input!r} not understood; choose 'strict' (stop at a bad file) "
         "or 'skip' (drop bad ids at startup, counted and logged)"
     )
-  if d.name == "synthetic":
+  if d.get("tfds_dir"):  # a packed copy of the voc/coco tree (cpal_jax.data.tfds_pack)
+    from cpal_jax.data import tfds_pack
+
+    src = tfds_pack.TFDSSource(d.tfds_dir, tfds_pack.dataset_name(config), split, with_mask=with_mask)
+  elif d.name == "synthetic":
     from cpal_jax.data import synthetic
 
     sizes = {"train": d.num_train, "train_eval": d.num_eval, "val": d.num_eval}
