@@ -83,5 +83,16 @@ def fingerprint(config, extra: dict | None = None) -> dict:
       "train.batch_size": config.train.batch_size,
       "seed": config.seed,
   }
+  if config.method.name == "cpal":
+    # The support bank and its centres are part of the state: their shapes must match.
+    p = config.method.cpal
+    fp.update(
+        {
+            "method.cpal.capacity": p.capacity,
+            "method.cpal.num_clusters": p.num_clusters,
+            "method.cpal.proj_head": p.proj_head,
+            "method.cpal.proj_dim": p.proj_dim,
+        }
+    )
   fp.update(extra or {})
   return json.loads(json.dumps(fp))

@@ -195,3 +195,17 @@ def test_fault_points_fire_only_when_named(monkeypatch):
   monkeypatch.setenv("CPAL_JAX_FAULT", "train_cam/step/3")
   faults.point("train_cam/step/3")
   assert got == [signal.SIGTERM, signal.SIGKILL]
+
+
+def test_a_different_bank_size_is_refused_by_name():
+  import synthetic as synthetic_config
+
+  saved = synthetic_config.get_config()
+  saved.method.name = "cpal"
+  current = synthetic_config.get_config()
+  current.method.name = "cpal"
+  current.method.cpal.capacity = saved.method.cpal.capacity // 2
+  with pytest.raises(ValueError, match=r"method.cpal.capacity: checkpoint \d+ vs config \d+"):
+    checkpointing.check_compatible(
+        checkpointing.fingerprint(saved), checkpointing.fingerprint(current), "ckpt"
+    )
