@@ -49,7 +49,9 @@ def base() -> ml_collections.ConfigDict:
   # in training, for networks trained from scratch.
   c.model.batch_norm = "frozen"
   c.model.pretrained = ""  # converted ImageNet weights (.npz/.safetensors); empty = random init
-  c.model.compute_dtype = "float32"  # float32 | bfloat16 (backbone only; losses stay float32)
+  # float32 | bfloat16: the backbone's convolutions in bfloat16 on float32 parameters (TPU/GPU; slower
+  # on CPU); BatchNorm statistics, the heads, the losses, CPAL's bank and k-means stay float32.
+  c.model.compute_dtype = "float32"
 
   c.method = ml_collections.ConfigDict()
   c.method.name = "sipe"  # cam | sipe | cpal | ppc

@@ -2,10 +2,14 @@
 
 The module only computes features; the SIPE/CPAL/PPC math lives in `cpal_jax.method` as pure
 functions over its outputs, which is what lets CPAL plug into other CAM models.
+
+model.compute_dtype=bfloat16 runs the backbone in bfloat16 (models/resnet.py); its stage outputs
+are cast to float32 here, so the heads and every output (CAM, score, x4, F_hie, projection) are
+float32 and the losses, CPAL's bank and k-means never see bfloat16.
 """
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -27,15 +31,21 @@ class CAMNet(nn.Module):
   side_dims: Sequence[int] = (128, 128, 256, 256)
   proj_dim: int = 0  # >0: a 1x1 conv + ReLU projection of x4 (CPAL's conv256 head, PPC's fc_proj)
   bn_train: bool = False  # see resnet: batch statistics for networks trained from scratch
-  dtype: jnp.dtype = jnp.float32
+  dtype: Any = jnp.float32  # the backbone's compute dtype; parameters and outputs are float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> dict:
-    """x: normalised images [B, H, W, 3]. Returns the raw CAM, GAP score, x4 and F_hie."""
+    """x: normalised images [B, H, W, 3]. Returns the raw CAM, GAP score, x4 and F_hie (float32)."""
     backbone = resnet.ResNet(
-        self.backbone, self.strides, detach_after=self.detach_after, bn_train=self.bn_train, name="backbone"
+        self.backbone,
+        self.strides,
+        detach_after=self.detach_after,
+        bn_train=self.bn_train,
+        dtype=self.dtype,
+        name="backbone",
     )
-    feats = backbone(x.astype(self.dtype), train)
+    feats = backbone(x, train)
+    # The heads run in float32 on float32 features: the outputs feed the losses and the bank.
     feats = {k: v.astype(jnp.float32) for k, v in feats.items()}
     x4 = feats["stage4"]
     cam = resnet.conv(self.num_classes - 1, 1, name="classifier", kernel_init=resnet.torch_default_init)(x4)
@@ -93,5 +103,5 @@ def from_config(config) -> CAMNet:
       side_dims=side_dims,
       bn_train=m.batch_norm == "train",
       proj_dim=proj_dim(config),
-      dtype=jnp.bfloat16 if m.get("compute_dtype", "float32") == "bfloat16" else jnp.float32,
+      dtype=resnet.compute_dtype(m.get("compute_dtype", "float32")),
   )

@@ -4,7 +4,8 @@ trained on the exported pseudo masks.
 ASPP is four 3x3 convolutions (dilations 6/12/18/24, with bias) from the last stage straight to the
 class logits, and their outputs are summed: there is no shared 1x1 projection and no image pooling
 (those are DeepLab-v3). Layer3 and layer4 keep their resolution and dilate every block by 2 and 4.
-BatchNorm is frozen as in the reference code.
+BatchNorm is frozen as in the reference code. seg.compute_dtype=bfloat16 runs the backbone in
+bfloat16 (models/resnet.py); ASPP and the logits stay float32.
 
 Two backbone layouts, so either family of pretrained weights loads one tensor to one leaf:
   caffe        the MSRA ResNet-101 of the DeepLab initialisation (kazuto1011/deeplab-pytorch, the
@@ -20,7 +21,7 @@ resized by each scale factor (as F.interpolate(scale_factor=s, mode='bilinear'))
 other scales are upsampled to those of the first scale and fused by an element-wise max.
 """
 
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -67,6 +68,7 @@ class DeepLabV2(nn.Module):
   layout: str = "caffe"
   rates: Sequence[int] = (6, 12, 18, 24)
   bn_train: bool = False  # batch statistics in training (networks trained from scratch only)
+  dtype: Any = jnp.float32  # the backbone's compute dtype; parameters and logits are float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -80,9 +82,10 @@ class DeepLabV2(nn.Module):
         stride_on_1x1=caffe,
         ceil_pool=caffe,
         bn_train=self.bn_train,
+        dtype=self.dtype,
         name="backbone",
     )(x, train)
-    return ASPP(self.num_classes, tuple(self.rates), name="aspp")(feats["stage4"])
+    return ASPP(self.num_classes, tuple(self.rates), name="aspp")(feats["stage4"].astype(jnp.float32))
 
 
 def from_config(config) -> DeepLabV2:
@@ -93,6 +96,7 @@ def from_config(config) -> DeepLabV2:
       layout=s.layout,
       rates=tuple(s.atrous_rates),
       bn_train=s.batch_norm == "train",
+      dtype=resnet.compute_dtype(s.get("compute_dtype", "float32"), "seg.compute_dtype"),
   )
 
 

@@ -6,6 +6,11 @@ the 3x3 conv (torchvision v1.5, as IRN/SIPE use); `stride_on_1x1=True` with `cei
 the caffe (MSRA) layout of the DeepLab initialisation. Padding is explicit and symmetric so output
 sizes match PyTorch, where Flax's 'SAME' would pad stride-2 convolutions asymmetrically.
 
+`dtype` is the compute dtype (model.compute_dtype): with bfloat16 the convolutions run in bfloat16
+on float32 parameters (cast per use, so gradients and optimiser state stay float32), BatchNorm
+reduces and normalises in float32 (its statistics are float32) and hands bfloat16 on, and the stage
+outputs are bfloat16; the heads that use them cast back to float32 (cam_net, deeplab).
+
 BatchNorm is frozen by default (`bn_train=False`): running statistics in the `batch_stats`
 collection, never updated, as the WSSS recipes do with ImageNet weights (batches of 16 large crops
 give poor statistics). A network trained from scratch has no statistics to freeze (frozen BN at
@@ -13,7 +18,7 @@ init is the identity and the net barely learns), so `bn_train=True` normalises w
 of the global batch in training (synchronised over devices by jit) and updates the running ones.
 """
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,6 +38,15 @@ ARCHS = {
     "resnet_tiny": ((1, 1, 1, 1), 16),
 }
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str, key: str = "model.compute_dtype"):
+  """The jnp dtype of a compute_dtype config value; `key` names the setting in the error."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"{key}={name!r}: choose one of {sorted(COMPUTE_DTYPES)}")
+  return COMPUTE_DTYPES[name]
+
 
 def conv(
     features: int,
@@ -42,7 +56,9 @@ def conv(
     name: str | None = None,
     use_bias: bool = False,
     kernel_init=conv_init,
+    dtype: Any = jnp.float32,
 ) -> nn.Conv:
+  """dtype: of the computation (inputs and kernel are cast to it); parameters are float32."""
   pad = dilation * (kernel - 1) // 2
   return nn.Conv(
       features,
@@ -52,13 +68,24 @@ def conv(
       kernel_dilation=(dilation, dilation),
       use_bias=use_bias,
       kernel_init=kernel_init,
+      dtype=dtype,
+      param_dtype=jnp.float32,
       name=name,
   )
 
 
-def batch_norm(name: str, use_batch_stats: bool = False) -> nn.BatchNorm:
+def batch_norm(name: str, use_batch_stats: bool = False, dtype: Any = jnp.float32) -> nn.BatchNorm:
+  """dtype: of the output only; statistics, running averages and the normalisation are float32."""
   # momentum 0.9 is PyTorch's 0.1: short from-scratch runs need running stats that keep up.
-  return nn.BatchNorm(use_running_average=not use_batch_stats, momentum=0.9, epsilon=1e-5, name=name)
+  return nn.BatchNorm(
+      use_running_average=not use_batch_stats,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      force_float32_reductions=True,
+      name=name,
+  )
 
 
 def max_pool_3x3_s2(x: jnp.ndarray, ceil: bool = False) -> jnp.ndarray:
@@ -74,16 +101,18 @@ class Bottleneck(nn.Module):
   dilation: int = 1
   downsample: bool = False
   stride_on_1x1: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train_bn: bool = False):
     s1, s3 = (self.stride, 1) if self.stride_on_1x1 else (1, self.stride)
-    bn = lambda name: batch_norm(name, train_bn)
-    out = nn.relu(bn("bn1")(conv(self.planes, 1, s1, name="conv1")(x)))
-    out = nn.relu(bn("bn2")(conv(self.planes, 3, s3, self.dilation, name="conv2")(out)))
-    out = bn("bn3")(conv(self.planes * 4, 1, name="conv3")(out))
+    bn = lambda name: batch_norm(name, train_bn, self.dtype)
+    cv = lambda *a, **kw: conv(*a, **kw, dtype=self.dtype)
+    out = nn.relu(bn("bn1")(cv(self.planes, 1, s1, name="conv1")(x)))
+    out = nn.relu(bn("bn2")(cv(self.planes, 3, s3, self.dilation, name="conv2")(out)))
+    out = bn("bn3")(cv(self.planes * 4, 1, name="conv3")(out))
     if self.downsample:
-      x = bn("downsample_bn")(conv(self.planes * 4, 1, self.stride, name="downsample_conv")(x))
+      x = bn("downsample_bn")(cv(self.planes * 4, 1, self.stride, name="downsample_conv")(x))
     return nn.relu(out + x)
 
 
@@ -103,6 +132,7 @@ class ResNet(nn.Module):
   ceil_pool: bool = False  # caffe stem: the max-pool rounds its output size up
   detach_after: int = -1
   bn_train: bool = False
+  dtype: Any = jnp.float32  # compute dtype (module docstring); parameters are float32 either way
 
   @nn.compact
   def __call__(self, x, train: bool = False) -> dict:
@@ -112,9 +142,9 @@ class ResNet(nn.Module):
           f"unknown backbone {self.arch!r}; choose one of {sorted(ARCHS)} (config key model.backbone)"
       )
     blocks, width = ARCHS[self.arch]
-    x = conv(width, 7, self.strides[0], name="conv1")(x)
+    x = conv(width, 7, self.strides[0], name="conv1", dtype=self.dtype)(x)
     train_bn = train and self.bn_train
-    x = max_pool_3x3_s2(nn.relu(batch_norm("bn1", train_bn)(x)), self.ceil_pool)
+    x = max_pool_3x3_s2(nn.relu(batch_norm("bn1", train_bn, self.dtype)(x)), self.ceil_pool)
     if self.detach_after == 0:
       x = jax.lax.stop_gradient(x)
     feats = {"stage0": x}
@@ -125,7 +155,9 @@ class ResNet(nn.Module):
       for b in range(n):
         s = stride if b == 0 else 1
         down = b == 0 and (s != 1 or in_ch != planes * 4)
-        x = Bottleneck(planes, s, dilation, down, self.stride_on_1x1, name=f"layer{i + 1}_{b}")(x, train_bn)
+        x = Bottleneck(
+            planes, s, dilation, down, self.stride_on_1x1, dtype=self.dtype, name=f"layer{i + 1}_{b}"
+        )(x, train_bn)
         in_ch = planes * 4
       if self.detach_after == i + 1:
         x = jax.lax.stop_gradient(x)

@@ -58,6 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   # init. The papers start from ImageNet (default) or the COCO-pretrained DeepLab init: record which.
   c.pretrained = ""
   c.batch_norm = "frozen"  # frozen (the reference) | train (batch statistics, for random init)
+  c.compute_dtype = "float32"  # float32 | bfloat16 (backbone convolutions; ASPP and the loss float32)
   c.atrous_rates = (6, 12, 18, 24)
   c.crop_size = 321
   c.rescale = (0.5, 0.75, 1.0, 1.25, 1.5)  # random scale per image, one of these
