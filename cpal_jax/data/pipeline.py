@@ -82,17 +82,27 @@ def make_schedule(config, num_images: int) -> Schedule:
   return Schedule(per_epoch, num_steps, b)
 
 
-def train_dataset(config, source, schedule: Schedule, process_index: int = 0, process_count: int = 1):
+def train_dataset(
+    config,
+    source,
+    schedule: Schedule,
+    process_index: int = 0,
+    process_count: int = 1,
+    augment=None,
+    batch_key: str = "train.batch_size",
+):
   """Shuffled (a new order each epoch), augmented, batched; this process's share of each batch.
 
   Element k of the repeated, shuffled stream belongs to global batch k // B; process p takes
   elements p, p+P, ... so the union over processes is exactly the single-process batch.
+  augment: a grain RandomMapTransform (default: the CAM stage's); batch_key names the batch size
+  in errors. The IRN and DeepLab stages deal their batches through here with their own augment.
   """
   b = schedule.global_batch
   if b % process_count:
-    raise ValueError(f"train.batch_size={b} must be divisible by the process count {process_count}")
+    raise ValueError(f"{batch_key}={b} must be divisible by the process count {process_count}")
   epochs = -(-schedule.num_steps // schedule.steps_per_epoch)
-  aug = transforms.TrainAugment(config.train.crop_size, tuple(config.train.resize_long) or None)
+  aug = augment or transforms.TrainAugment(config.train.crop_size, tuple(config.train.resize_long) or None)
   shuffled = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat(epochs)
   stream = _DropLast(shuffled, len(source), schedule.steps_per_epoch * b)
   ds = grain.MapDataset.source(stream).seed(config.seed + 1).random_map(aug)
@@ -115,8 +125,17 @@ class _DropLast:
     return self._shuffled[epoch * self._n + j]
 
 
-def train_iterator(config, source, schedule: Schedule, process_index: int = 0, process_count: int = 1):
-  ds = train_dataset(config, source, schedule, process_index, process_count)
+def train_iterator(
+    config,
+    source,
+    schedule: Schedule,
+    process_index: int = 0,
+    process_count: int = 1,
+    augment=None,
+    batch_key: str = "train.batch_size",
+):
+  """train_dataset as a checkpointable iterator (grain worker processes if data.workers > 0)."""
+  ds = train_dataset(config, source, schedule, process_index, process_count, augment, batch_key)
   if config.data.workers > 0:
     return iter(
         ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.workers))

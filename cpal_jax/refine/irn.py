@@ -118,23 +118,13 @@ def make_schedule(config, num_images: int) -> pipeline.Schedule:
 def train_iterator(
     config, source, schedule: pipeline.Schedule, process_index: int = 0, process_count: int = 1
 ):
-  """Shuffled anew each epoch, cut to whole batches (drop_last), augmented; this process's share of
-  each global batch, as `pipeline.train_dataset` deals the CAM stage's."""
-  b = schedule.global_batch
-  if b % process_count:
-    raise ValueError(f"refine.irn.batch_size={b} must be divisible by the process count {process_count}")
+  """Shuffled anew each epoch, cut to whole batches (drop_last), augmented as IRN; this process's
+  share of each global batch, dealt as the CAM stage's."""
   irn = config.refine.irn
-  epochs = -(-schedule.num_steps // schedule.steps_per_epoch)
-  shuffled = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat(epochs)
-  stream = pipeline._DropLast(shuffled, len(source), schedule.steps_per_epoch * b)
-  aug = IRNAugment(irn.crop_size, tuple(irn.rescale))
-  ds = grain.MapDataset.source(stream).seed(config.seed + 1).random_map(aug)
-  ds = ds[process_index::process_count].batch(b // process_count, drop_remainder=True)
-  if config.data.workers > 0:
-    return iter(
-        ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.workers))
-    )
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+  augment = IRNAugment(irn.crop_size, tuple(irn.rescale))
+  return pipeline.train_iterator(
+      config, source, schedule, process_index, process_count, augment, batch_key="refine.irn.batch_size"
+  )
 
 
 # ------------------------------------------------------------------------------------- model/step
@@ -146,9 +136,8 @@ def make_optimizer(irn_cfg, num_steps: int) -> optax.GradientTransformation:
   """torch.optim.SGD as IRN's PolyOptimizer drives it: d = g + wd * p; buf = momentum * buf + d;
   p -= lr_t * buf, lr_t poly-decayed. It sees only the edge heads (IRN's edge parameter group,
   1x the base lr); the frozen backbone has no optimiser state, so no weight decay either."""
-  return optax.chain(
-      optax.add_decayed_weights(irn_cfg.weight_decay),
-      optax.sgd(optim.poly(irn_cfg.lr, num_steps, POLY_POWER), momentum=irn_cfg.momentum),
+  return optim.torch_sgd(
+      optim.poly(irn_cfg.lr, num_steps, POLY_POWER), irn_cfg.momentum, irn_cfg.weight_decay
   )
 
 

@@ -34,28 +34,29 @@ def poly(base_lr: float, num_steps: int, power: float):
   return lambda count: base_lr * jax.numpy.maximum(1.0 - count / num_steps, 0.0) ** power
 
 
+def torch_sgd(lr, momentum: float, weight_decay: float) -> optax.GradientTransformation:
+  """torch.optim.SGD: d = g + wd * p; buf = momentum * buf + d; p -= lr(step) * buf."""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.trace(decay=momentum),
+      optax.scale_by_schedule(lambda c: -lr(c)),
+  )
+
+
+def grouped(groups: dict, labels, clip_norm: float) -> optax.GradientTransformation:
+  """One transformation per parameter group (labels: a tree of group names), FROZEN parameters
+  untouched; clip_norm > 0 clips the global norm of the raw gradients first, without the frozen
+  ones (requires_grad=False in PyTorch: they are not the optimiser's)."""
+  tx = optax.multi_transform({FROZEN: optax.set_to_zero(), **groups}, labels)
+  if clip_norm > 0:
+    frozen = jax.tree.map(lambda lab: lab == FROZEN, labels)
+    tx = optax.chain(optax.masked(optax.set_to_zero(), frozen), optax.clip_by_global_norm(clip_norm), tx)
+  return tx
+
+
 def make_optimizer(train_cfg, num_steps: int, params, detach_after: int) -> optax.GradientTransformation:
   def group(lr: float):
-    # torch.optim.SGD: d = g + wd * p; buf = momentum * buf + d; p -= lr * buf.
-    return optax.chain(
-        optax.add_decayed_weights(train_cfg.weight_decay),
-        optax.trace(decay=train_cfg.momentum),
-        optax.scale_by_schedule(lambda c: -poly(lr, num_steps, train_cfg.poly_power)(c)),
-    )
+    return torch_sgd(poly(lr, num_steps, train_cfg.poly_power), train_cfg.momentum, train_cfg.weight_decay)
 
-  labels = param_labels(params, detach_after)
-  tx = optax.multi_transform(
-      {
-          FROZEN: optax.set_to_zero(),
-          BACKBONE: group(train_cfg.lr),
-          HEAD: group(train_cfg.lr * train_cfg.head_lr_mult),
-      },
-      labels,
-  )
-  if train_cfg.clip_norm > 0:
-    # Frozen parameters have requires_grad=False in PyTorch: they must not count in the norm.
-    frozen = jax.tree.map(lambda lab: lab == FROZEN, labels)
-    tx = optax.chain(
-        optax.masked(optax.set_to_zero(), frozen), optax.clip_by_global_norm(train_cfg.clip_norm), tx
-    )
-  return tx
+  groups = {BACKBONE: group(train_cfg.lr), HEAD: group(train_cfg.lr * train_cfg.head_lr_mult)}
+  return grouped(groups, param_labels(params, detach_after), train_cfg.clip_norm)
