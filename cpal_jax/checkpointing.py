@@ -48,6 +48,19 @@ class Checkpointer:
     self._mngr.close()
 
 
+def restore_raw_state(directory: str) -> dict:
+  """The newest finished checkpoint's state as saved (nested dicts of arrays), without the model
+  that made it: for reading another stage's parameters."""
+  ckpt = Checkpointer(directory, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no finished checkpoint in {directory}")
+    return ckpt._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  finally:
+    ckpt.close()
+
+
 def has_checkpoint(directory: str) -> bool:
   """Whether a finished checkpoint exists (without creating the folder)."""
   if not os.path.isdir(directory):

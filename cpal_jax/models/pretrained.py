@@ -32,7 +32,13 @@ def load_into(variables: dict, path: str, prefix: str = "") -> tuple[dict, int]:
   prefix: inserted after the collection name, e.g. 'backbone' to load a bare ResNet checkpoint
   (`params/layer1_0/...`) into a CAM network.
   """
-  flat_file = read_flat(path)
+  return load_flat_into(variables, read_flat(path), path, prefix)
+
+
+def load_flat_into(variables: dict, flat_file: dict, source: str, prefix: str = "") -> tuple[dict, int]:
+  """load_into for tensors already in memory ('/'-joined keys as in the files); `source` names them
+  in errors."""
+  path = source
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(jax.device_get(variables)).items()}
   loaded = 0
   for key, value in flat_file.items():

@@ -57,6 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Converted backbone weights (.npz/.safetensors, models.deeplab.convert_torch_state); empty = random
   # init. The papers start from ImageNet (default) or the COCO-pretrained DeepLab init: record which.
   c.pretrained = ""
+  # Start the backbone from the trained CAM network's (cam/ckpt, same backbone and torchvision
+  # layout). The stand-in for an ImageNet init where there is none (the synthetic data): the CAM
+  # network saw the same images with image-level labels only, so no pixel label leaks in.
+  c.init_from_cam = False
   c.batch_norm = "frozen"  # frozen (the reference) | train (batch statistics, for random init)
   c.compute_dtype = "float32"  # float32 | bfloat16 (backbone convolutions; ASPP and the loss float32)
   c.atrous_rates = (6, 12, 18, 24)
@@ -210,23 +214,13 @@ def make_schedule(config, num_images: int) -> pipeline.Schedule:
 def train_iterator(
     config, source, schedule: pipeline.Schedule, process_index: int = 0, process_count: int = 1
 ):
-  """Shuffled anew each epoch, cut to whole batches, augmented; this process's share of each global
-  batch, dealt as `pipeline.train_dataset` deals the CAM stage's."""
-  b = schedule.global_batch
-  if b % process_count:
-    raise ValueError(f"seg.batch_size={b} must be divisible by the process count {process_count}")
+  """Shuffled anew each epoch, cut to whole batches, augmented with DeepLab's crop/scale/flip; this
+  process's share of each global batch, dealt as the CAM stage's."""
   s = config.seg
-  epochs = -(-schedule.num_steps // schedule.steps_per_epoch)
-  shuffled = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat(epochs)
-  stream = pipeline._DropLast(shuffled, len(source), schedule.steps_per_epoch * b)
-  aug = SegAugment(s.crop_size, tuple(s.rescale), s.flip)
-  ds = grain.MapDataset.source(stream).seed(config.seed + 1).random_map(aug)
-  ds = ds[process_index::process_count].batch(b // process_count, drop_remainder=True)
-  if config.data.workers > 0:
-    return iter(
-        ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.workers))
-    )
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+  augment = SegAugment(s.crop_size, tuple(s.rescale), s.flip)
+  return pipeline.train_iterator(
+      config, source, schedule, process_index, process_count, augment, batch_key="seg.batch_size"
+  )
 
 
 # ------------------------------------------------------------------------------------------- loss
@@ -277,7 +271,7 @@ def multiscale_loss(per_scale: list, labels: jnp.ndarray, scales, balanced: bool
 
 
 # ------------------------------------------------------------------------------------- optimiser
-FROZEN, BACKBONE, HEAD, HEAD_BIAS = "frozen", "backbone", "head", "head_bias"
+FROZEN, BACKBONE, HEAD, HEAD_BIAS = optim.FROZEN, optim.BACKBONE, optim.HEAD, "head_bias"
 
 
 def param_label(path: tuple[str, ...], bn_train: bool) -> str:
@@ -295,33 +289,18 @@ def param_label(path: tuple[str, ...], bn_train: bool) -> str:
 def make_optimizer(seg_cfg, num_steps: int, params) -> optax.GradientTransformation:
 
   def sgd(mult: float, weight_decay: float):
-    # torch.optim.SGD: d = g + wd * p; buf = momentum * buf + d; p -= lr * buf.
     lr = optim.poly(seg_cfg.lr * mult, num_steps, seg_cfg.poly_power)
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        optax.trace(decay=seg_cfg.momentum),
-        optax.scale_by_schedule(lambda c: -lr(c)),
-    )
+    return optim.torch_sgd(lr, seg_cfg.momentum, weight_decay)
 
   bn_train = seg_cfg.batch_norm == "train"
   flat = traverse_util.flatten_dict(params)
   labels = traverse_util.unflatten_dict({k: param_label(k, bn_train) for k in flat})
-  tx = optax.multi_transform(
-      {
-          FROZEN: optax.set_to_zero(),
-          BACKBONE: sgd(1.0, seg_cfg.weight_decay),
-          HEAD: sgd(seg_cfg.head_lr_mult, seg_cfg.weight_decay),
-          HEAD_BIAS: sgd(seg_cfg.head_bias_lr_mult, 0.0),
-      },
-      labels,
-  )
-  if seg_cfg.clip_norm > 0:
-    # Frozen parameters are not the optimiser's: they must not count in the norm.
-    frozen = jax.tree.map(lambda lab: lab == FROZEN, labels)
-    tx = optax.chain(
-        optax.masked(optax.set_to_zero(), frozen), optax.clip_by_global_norm(seg_cfg.clip_norm), tx
-    )
-  return tx
+  groups = {
+      BACKBONE: sgd(1.0, seg_cfg.weight_decay),
+      HEAD: sgd(seg_cfg.head_lr_mult, seg_cfg.weight_decay),
+      HEAD_BIAS: sgd(seg_cfg.head_bias_lr_mult, 0.0),
+  }
+  return optim.grouped(groups, labels, seg_cfg.clip_norm)
 
 
 # ------------------------------------------------------------------------------------ model/step
@@ -366,7 +345,32 @@ class Setup:
   init_state: Callable[[], state_lib.TrainState]  # a fresh (or pretrained) sharded state
 
 
-def build(config, mesh, num_steps: int) -> Setup:
+def cam_backbone(config, workdir: str) -> dict[str, np.ndarray]:
+  """The trained CAM network's backbone parameters and BN statistics as '/'-joined keys
+  (`params/layer1_0/conv1/kernel`), ready for pretrained.load_flat_into(prefix='backbone')."""
+  from cpal_jax.train import cam as cam_stage
+
+  s = config.seg
+  if s.backbone != config.model.backbone or s.layout != "torchvision":
+    raise ValueError(
+        f"seg.init_from_cam needs seg.backbone == model.backbone and seg.layout=torchvision "
+        f"(got {s.backbone!r}/{s.layout!r} vs the CAM network's {config.model.backbone!r})"
+    )
+  directory = cam_stage.ckpt_dir(workdir)
+  if not checkpointing.has_checkpoint(directory):
+    raise FileNotFoundError(
+        f"seg.init_from_cam: no CAM checkpoint in {directory}; run train_cam first or set seg.init_from_cam=False"
+    )
+  state = checkpointing.restore_raw_state(directory)
+  flat = {}
+  for col in ("params", "batch_stats"):
+    for path, x in traverse_util.flatten_dict(state[col]["backbone"]).items():
+      flat["/".join((col, *path))] = np.asarray(x)
+  return flat
+
+
+def build(config, mesh, num_steps: int, backbone: dict | None = None) -> Setup:
+  """backbone: '/'-joined backbone tensors to start from (cam_backbone), instead of seg.pretrained."""
   """The model, its jitted step over `mesh` and its state (abstract and fresh)."""
   check(config)
   s = config.seg
@@ -392,7 +396,10 @@ def build(config, mesh, num_steps: int) -> Setup:
 
   def init_state():
     variables = jax.jit(model.init, out_shardings=repl)(key, dummy)
-    if s.pretrained:
+    if backbone is not None:
+      variables, n = pretrained.load_flat_into(variables, backbone, "the CAM checkpoint", prefix="backbone")
+      log.info("seg: started %d backbone tensors from the CAM network", n)
+    elif s.pretrained:
       variables, n = pretrained.load_into(variables, s.pretrained, prefix="backbone")
       log.info("seg: loaded %d backbone tensors from %s", n, s.pretrained)
     return jax.jit(fresh, out_shardings=shardings)(variables)
@@ -437,7 +444,8 @@ def train(config, workdir: str) -> dict:
   )
   schedule = make_schedule(config, len(source))
   sharding.check_batch(s.batch_size, mesh)
-  setup = build(config, mesh, schedule.num_steps)
+  start_from_cam = s.init_from_cam and not checkpointing.has_checkpoint(ckpt_dir(workdir))
+  setup = build(config, mesh, schedule.num_steps, cam_backbone(config, workdir) if start_from_cam else None)
   data_iter = train_iterator(config, source, schedule, jax.process_index(), jax.process_count())
 
   spec = loop.Loop(
@@ -453,7 +461,11 @@ def train(config, workdir: str) -> dict:
       nonfinite=s.nonfinite,
       hint=" (a lower seg.lr or seg.balanced_ce=True may help)",
   )
-  if not s.pretrained and s.batch_norm == "frozen" and not checkpointing.has_checkpoint(spec.ckpt_dir):
+  if (
+      not (s.pretrained or s.init_from_cam)
+      and s.batch_norm == "frozen"
+      and not checkpointing.has_checkpoint(spec.ckpt_dir)
+  ):
     log.warning(
         "seg: frozen BatchNorm with random init normalises nothing (identity statistics); "
         "set seg.pretrained to converted ImageNet weights, or seg.batch_norm=train"
@@ -476,7 +488,7 @@ def train(config, workdir: str) -> dict:
           "final_loss": res.last.get("loss/total"),
           "images_per_second": res.images_per_second(schedule.global_batch),
           "skipped_steps": res.skipped_steps,
-          "init": s.pretrained or "random",
+          "init": "cam" if s.init_from_cam else (s.pretrained or "random"),
           "layout": s.layout,
       }
   }
