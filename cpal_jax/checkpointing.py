@@ -105,6 +105,9 @@ def fingerprint(config, extra: dict | None = None) -> dict:
             "method.cpal.num_clusters": p.num_clusters,
             "method.cpal.proj_head": p.proj_head,
             "method.cpal.proj_dim": p.proj_dim,
+            # bank_bg adds the background row to the bank; the other modes share one shape, and
+            # None for them keeps checkpoints written before this key resumable.
+            "method.cpal.bg_mode": p.bg_mode if p.bg_mode == "bank_bg" else None,
         }
     )
   fp.update(extra or {})

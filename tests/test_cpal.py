@@ -10,8 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpal_jax.method import cpal, sipe
+from cpal_jax import checkpointing
+from cpal_jax.data import pipeline
+from cpal_jax.method import cpal, objectives, sipe
+from cpal_jax.parallel import sharding
+from cpal_jax.train import cam as cam_stage
 from test_sipe import np_label_mask, np_max_normalize, np_norm_cam_with_background, np_relu
+from test_train import cpal_config
 
 EPS = 1e-5  # SIPE's max-normalisation epsilon
 B, H, W, K, D, KC, TOP = 3, 4, 4, 3, 5, 6, 3  # K foreground classes, KC context prototypes
@@ -718,3 +723,427 @@ def test_bank_mean_after_overflow():
   np.testing.assert_array_equal(np.asarray(out.bank_mean)[[0, 2, 3, 4, 5]], 0.0)
   np.testing.assert_array_equal(np.asarray(out.ready), [0, 1, 0, 0, 0, 0])
   assert np.asarray(out.center_valid)[1].all() and not np.asarray(out.center_valid)[[0, 2, 3]].any()
+
+
+# ------------------------------------------------------------------ [I] flags: push gate, bank_bg, SNCLR
+
+
+def np_push(bank, protos, valid):
+  """Eq. 5 one entry at a time, images in order: (feats, ptr, count) of a FIFO ring per row."""
+  feats, ptr, count = (np.array(a) for a in bank)
+  cap = feats.shape[1]
+  for i in range(protos.shape[0]):
+    for k in range(protos.shape[1]):
+      if valid[i, k]:
+        feats[k, ptr[k]] = protos[i, k]
+        ptr[k] = (ptr[k] + 1) % cap
+        count[k] = min(count[k] + 1, cap)
+  return feats, ptr, count
+
+
+def np_sigmoid(z):
+  return 1.0 / (1.0 + np.exp(-f64(z)))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_push_min_prob_gate(background):
+  """Only valid prototypes with sigmoid(z) > push_min_prob enter; the pointer advances by those
+  (the background row, which has no logit, is never gated); 0 switches the gate off."""
+  n, rows = 6, K + int(background)
+  st = cpal.init_state(K, CAPACITY, D, KC, pad_to=3, background=background)
+  assert st.bank.feats.shape[0] == (3 if not background else 6)
+  bank = (np.asarray(st.bank.feats), np.asarray(st.bank.ptr), np.asarray(st.bank.count))
+  ref = bank
+  for step in range(4):  # 4 x 6 images: rows with more than CAPACITY = 8 entries wrap
+    protos = rand((n, rows, D), 60 + step)
+    pvalid = np.random.default_rng(62 + step).random((n, rows)) > 0.15
+    score = rand((n, K), 64 + step, scale=2.0)
+    score[0, 0] = 0.0  # sigmoid exactly 0.5: not > 0.5
+    gate = np_sigmoid(score) > 0.5
+    if background:
+      gate = np.concatenate([gate, np.ones((n, 1), bool)], axis=1)
+    st = cpal.push_prototypes(st, jnp.asarray(protos), jnp.asarray(pvalid), jnp.asarray(score), 0.5)
+    ref = np_push(ref, protos, pvalid & gate)
+    assert (pvalid & ~gate).any() and (pvalid & gate).any()
+  np.testing.assert_array_equal(np.asarray(st.bank.feats), ref[0])
+  np.testing.assert_array_equal(np.asarray(st.bank.ptr), ref[1])
+  np.testing.assert_array_equal(np.asarray(st.bank.count), ref[2])
+  assert (ref[2][:K] == CAPACITY).any() and (ref[2][:K] < CAPACITY).any()  # a wrapped row and a partial one
+
+  # push_min_prob = 0: off, even where sigmoid(z) rounds to 0 in float32.
+  st0 = cpal.init_state(K, CAPACITY, D, KC, background=background)
+  score = np.full((n, K), -200.0, np.float32)
+  got = cpal.push_prototypes(st0, jnp.asarray(protos), jnp.asarray(pvalid), jnp.asarray(score), 0.0)
+  want = cpal.push_prototypes(st0, jnp.asarray(protos), jnp.asarray(pvalid))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  np.testing.assert_array_equal(np.asarray(got.bank.count)[:rows], pvalid.sum(0))
+
+
+def np_background_prototype(norm_cam, feats, valid, tau):
+  """bank_bg's class-0 prototype: mean f over the valid pixels where no (masked) class exceeds tau."""
+  b, h, w, c = norm_cam.shape
+  protos, ok = np.zeros((b, 1, feats.shape[-1])), np.zeros((b, 1), bool)
+  for i in range(b):
+    acc, area = np.zeros(feats.shape[-1]), 0
+    for y in range(h):
+      for x in range(w):
+        if valid[i, y, x] > 0 and all(norm_cam[i, y, x, n] <= tau for n in range(1, c)):
+          acc += f64(feats[i, y, x])
+          area += 1
+    if area:
+      protos[i, 0] = acc / area
+    ok[i, 0] = area > 0
+  return protos, ok
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.3])
+def test_background_prototype(tau):
+  cam, feats, labels, valid = make_inputs(70)
+  cam[0, ..., 0] = 1.0 + 0.01 * np.abs(rand((H, W), 71))  # image 0: class 1 above tau everywhere
+  norm_cam = np_norm_cam_with_background(cam) * np_label_mask(valid, labels)
+  got, ok = cpal.background_prototype(
+      jnp.asarray(norm_cam, jnp.float32), jnp.asarray(feats), jnp.asarray(valid), tau
+  )
+  want, want_ok = np_background_prototype(norm_cam, feats, valid, tau)
+  close(got, want)
+  np.testing.assert_array_equal(np.asarray(ok), want_ok)
+  np.testing.assert_array_equal(want_ok[:, 0], [False, True, True])  # no background: invalid zero
+  np.testing.assert_array_equal(np.asarray(got)[0], 0.0)
+  # Padded pixels (image 2's last column) are never background, although every class is 0 there.
+  pad_only = np.zeros_like(valid)
+  pad_only[2, :, -1] = 1
+  _, ok_pad = cpal.background_prototype(
+      jnp.asarray(norm_cam * pad_only[..., None], jnp.float32),
+      jnp.asarray(feats),
+      jnp.asarray(valid * 0),
+      tau,
+  )
+  assert not np.asarray(ok_pad).any()
+
+
+def np_rows_pacam(protos, pvalid, feats, st, cfg, row_mask):
+  """Eqs. 6-13 over R bank rows (neighbours on): the maps [B, h, w, R], usable [B, R], (idx, ok, w)."""
+  b, r, d = protos.shape
+  ready = st["ready"][:r]
+  xi = np_alignment_shift(protos, pvalid, st["bank_mean"], st["ready"]) if cfg.fda else np.zeros((r, d))
+  anchor = protos + cfg.gamma * xi[None] if cfg.fda and cfg.fda_target in ("anchor", "both") else protos
+  pix = xi if cfg.fda and cfg.fda_target in ("pixels", "both") else np.zeros_like(xi)
+  centers = f64(st["centers"])[:r]
+  top_k = cfg.top_k if cfg.top_k > 0 else centers.shape[1]
+  idx, ok = np_select(anchor, centers, st["center_valid"][:r], top_k)
+  selected = np.zeros(idx.shape + (d,))
+  for i in range(b):
+    for n in range(r):
+      for s in range(idx.shape[2]):
+        if ok[i, n, s]:
+          selected[i, n, s] = centers[n, idx[i, n, s]]
+  if cfg.positiveness:
+    wts = np_positiveness(anchor, selected, ok, cfg.positiveness_metric, cfg.tau_w)
+  else:
+    wts = ok / np.maximum(ok.sum(-1, keepdims=True), 1)
+  inner = (idx, ok, wts)
+  if cfg.include_instance_proto:
+    w0 = cfg.instance_weight
+    selected = np.concatenate([selected, anchor[:, :, None]], axis=2)
+    wts = np.concatenate([wts * (1 - w0), np.full((b, r, 1), w0)], axis=-1)
+  wts = wts * pvalid[..., None]
+  usable = ready[None] & pvalid
+  maps = np_prototype_cam(feats, selected, wts, pix, cfg.gamma) * usable[:, None, None, :]
+  return np_max_normalize(maps * row_mask), usable, inner
+
+
+def np_bank_bg_maps(cam, feats, labels, valid, st, cfg):
+  """cpal_maps with bg_mode=bank_bg: the background prototype runs through Eqs. 6-13 as row K."""
+  mask = np_label_mask(valid, labels)
+  norm_cam = np_norm_cam_with_background(f64(cam)) * mask
+  protos, pvalid = np_instance_prototypes(norm_cam[..., 1:], feats, labels, cfg.tau, cfg.mask_mode)
+  bg, bg_ok = np_background_prototype(norm_cam, feats, valid, cfg.tau)
+  protos, pvalid = np.concatenate([protos, bg], 1), np.concatenate([pvalid, bg_ok], 1)
+  row_mask = np.concatenate([mask[..., 1:], mask[..., :1]], -1)
+  maps, usable, inner = np_rows_pacam(protos, pvalid, f64(feats), st, cfg, row_mask)
+  out = {
+      "norm_cam": norm_cam,
+      "pacam": np.concatenate([maps[..., -1:], maps[..., :-1]], -1),
+      "protos": protos,
+      "proto_valid": pvalid,
+      "loss_mask": np.concatenate([usable[:, -1:], usable[:, :-1]], -1),
+  }
+  return out, inner
+
+
+def make_bg_state(seed=80, pad_to=1):
+  """make_state's classes plus the background row K: ready, 5 of 6 centres valid."""
+  st = cpal.init_state(K, CAPACITY, D, KC, pad_to=pad_to, background=True)
+  kp = st.centers.shape[0]
+  centers = rand((kp, KC, D), seed, offset=0.3)
+  cvalid = np.zeros((kp, KC), bool)
+  cvalid[0] = [1, 1, 0, 1, 1, 1]
+  cvalid[1] = [0, 1, 0, 0, 1, 0]
+  cvalid[K] = [1, 1, 1, 0, 1, 1]
+  ready = np.zeros(kp, bool)
+  ready[[0, 1, K]] = True
+  bank_mean = rand((kp, D), seed + 1, offset=0.3)
+  bank_mean[~ready] = 0
+  st = st.replace(
+      centers=jnp.asarray(centers),
+      center_valid=jnp.asarray(cvalid),
+      bank_mean=jnp.asarray(bank_mean),
+      ready=jnp.asarray(ready),
+  )
+  return st, {"centers": centers, "center_valid": cvalid, "bank_mean": bank_mean, "ready": ready}
+
+
+BANK_BG_CASES = {
+    "default": {},
+    "anchor_instance_uniform": {
+        "fda_target": "both",
+        "gamma": 0.5,
+        "include_instance_proto": True,
+        "positiveness": False,
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(BANK_BG_CASES))
+def test_cpal_maps_bank_bg(case):
+  """The background PACAM channel from the background row's context prototypes (top-K,
+  positiveness, its own xi_0) equals the numpy computation; the bank rows are C = K + 1."""
+  cfg = make_cfg(bg_mode="bank_bg", **BANK_BG_CASES[case])
+  cam, feats, labels, valid = make_inputs(81)
+  st, np_st = make_bg_state(pad_to=3)
+  assert st.bank.feats.shape[0] == 6 and st.centers.shape[0] == 6  # K + 1 = 4 rows, padded to 3
+  got = run_maps(cam, feats, labels, valid, st, cfg)
+  want, _ = np_bank_bg_maps(cam, feats, labels, valid, np_st, cfg)
+  assert got["protos"].shape == (B, K + 1, D)
+  for key in ("norm_cam", "pacam", "protos"):
+    close(got[key], want[key], rtol=1e-4, atol=1e-5)
+  for key in ("proto_valid", "loss_mask"):
+    np.testing.assert_array_equal(np.asarray(got[key]), want[key])
+  assert want["proto_valid"][:, K].all() and want["loss_mask"][:, 0].all()
+  assert np.abs(want["pacam"][..., 0]).max() > 0.5  # the background channel is a real map
+  # Its bank row is pushed like a class row, right after the C-1 foreground rows.
+  pushed = cpal.push_prototypes(st, got["protos"], got["proto_valid"])
+  np.testing.assert_array_equal(np.asarray(pushed.bank.count), list(want["proto_valid"].sum(0)) + [0, 0])
+  close(np.asarray(pushed.bank.feats)[K, :3], want["protos"][:, K])
+
+
+def test_cpal_maps_bank_bg_needs_background_row_and_cold_start():
+  cfg = make_cfg(bg_mode="bank_bg")
+  cam, feats, labels, valid = make_inputs(82)
+  st, _ = make_state()  # K rows, no background row
+  with pytest.raises(ValueError, match="background=True"):
+    run_maps(cam, feats, labels, valid, st, cfg)
+  with pytest.raises(ValueError, match="bg_mode"):
+    run_maps(cam, feats, labels, valid, st, make_cfg(bg_mode="zero_bg"))
+  # Cold start: nothing ready, L_self compares nothing, background included.
+  maps = run_maps(cam, feats, labels, valid, cpal.init_state(K, CAPACITY, D, KC, background=True), cfg)
+  assert not np.asarray(maps["loss_mask"]).any() and np.asarray(maps["proto_valid"])[:, K].all()
+  assert float(cpal.self_loss(maps["norm_cam"], maps["pacam"], maps["loss_mask"])) == 0.0
+
+
+def np_snclr(protos, valid, centers, cvalid, idx, w, temperature):
+  """Soft-neighbour InfoNCE per (b, n): -sum_j t_j log softmax_j(cos(p, c_j) / T) over the valid
+  centres, t = the neighbour weights scattered onto their centres, normalised; mean over the pairs."""
+  b, k = valid.shape
+  tot, cnt = 0.0, 0
+  for i in range(b):
+    for n in range(k):
+      t = np.zeros(centers.shape[1])
+      for s in range(idx.shape[2]):
+        t[idx[i, n, s]] += w[i, n, s]
+      if not valid[i, n] or t.sum() <= 0:
+        continue
+      t /= t.sum()
+      js = [j for j in range(centers.shape[1]) if cvalid[n, j]]
+      logits = np.array([np_cos(protos[i, n], centers[n, j]) / temperature for j in js])
+      lse = logits.max() + np.log(np.exp(logits - logits.max()).sum())
+      tot -= sum(t[j] * (logits[a] - lse) for a, j in enumerate(js))
+      cnt += 1
+  return tot / max(cnt, 1)
+
+
+def test_snclr_loss(temperature=0.3):
+  """Value against numpy; no gradient to the centres or the targets; d/dp matches a float64
+  central difference (targets and neighbours pinned)."""
+  protos = rand((B, K, D), 90, offset=0.3)
+  pvalid = np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1]], bool)
+  centers = rand((K, KC, D), 91, offset=0.3)
+  cvalid = np.ones((K, KC), bool)
+  cvalid[0, [1, 4]] = False
+  cvalid[1] = [0, 1, 0, 0, 1, 0]  # fewer valid centres than TOP
+  cvalid[2] = False  # no context prototypes: its pairs drop out of the mean
+  idx, ok = cpal.select_neighbours(jnp.asarray(protos), jnp.asarray(centers), jnp.asarray(cvalid), TOP)
+  sel, ok = cpal.gather_centers(jnp.asarray(centers), jnp.asarray(cvalid), idx, ok)
+  w = cpal.positiveness(jnp.asarray(protos), sel, ok, "dot", 1.0)
+  args = (jnp.asarray(pvalid), jnp.asarray(centers), jnp.asarray(cvalid), idx, w)
+  got = cpal.snclr_loss(jnp.asarray(protos), *args, temperature)
+  idx_np, w_np = np.asarray(idx), f64(w)
+  want = np_snclr(protos, pvalid, centers, cvalid, idx_np, w_np, temperature)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  assert want > 0
+
+  f = lambda p, c, ww: cpal.snclr_loss(p, args[0], c, args[2], idx, ww, temperature)
+  g_p, g_c, g_w = jax.grad(f, argnums=(0, 1, 2))(jnp.asarray(protos), jnp.asarray(centers), w)
+  np.testing.assert_array_equal(np.asarray(g_c), 0.0)
+  np.testing.assert_array_equal(np.asarray(g_w), 0.0)
+  v, e = rand((B, K, D), 92), 1e-6
+  ref = lambda x: np_snclr(x, pvalid, centers, cvalid, idx_np, w_np, temperature)
+  fd = (ref(f64(protos) + e * v) - ref(f64(protos) - e * v)) / (2 * e)
+  np.testing.assert_allclose(float(np.sum(np.asarray(g_p) * v)), fd, rtol=1e-3, atol=1e-7)
+  assert abs(fd) > 1e-4
+  # No valid pair (cold start): 0, not NaN.
+  zero = cpal.snclr_loss(
+      jnp.asarray(protos), args[0], args[1], jnp.zeros((K, KC), bool), idx, 0 * w, temperature
+  )
+  assert float(zero) == 0.0
+
+
+@pytest.mark.parametrize("bg_mode", ["sipe_bg", "bank_bg"])
+def test_cpal_maps_snclr(bg_mode):
+  """cpal_maps' "snclr" is the numpy loss over the rows' own neighbours and weights (the background
+  row included with bank_bg); its gradient reaches f but never the context prototypes."""
+  cfg = make_cfg(snclr_contrast=True, snclr_temperature=0.2, bg_mode=bg_mode)
+  cam, feats, labels, valid = make_inputs(93)
+  if bg_mode == "bank_bg":
+    st, np_st = make_bg_state(94)
+    want, (idx, ok, w) = np_bank_bg_maps(cam, feats, labels, valid, np_st, cfg)
+  else:
+    st, np_st = make_state(94)
+    want, inner = np_cpal_maps(cam, feats, labels, valid, np_st, cfg)
+    (idx, ok), w = inner["sel"], inner["w"]
+  r = want["protos"].shape[1]
+  valid_pairs = want["proto_valid"] & np_st["ready"][None, :r]
+  centers = f64(np_st["centers"])[:r]
+  ref = np_snclr(
+      want["protos"], valid_pairs, centers, np_st["center_valid"][:r], np.where(ok, idx, 0), w, 0.2
+  )
+  got = run_maps(cam, feats, labels, valid, st, cfg)
+  np.testing.assert_allclose(float(got["snclr"]), ref, rtol=1e-4)
+  assert ref > 0
+
+  def loss(f, centers, bank_mean):
+    s = st.replace(centers=centers, bank_mean=bank_mean)
+    return cpal.cpal_maps(jnp.asarray(cam), f, jnp.asarray(labels), jnp.asarray(valid), s, cfg)["snclr"]
+
+  g_f, g_c, g_mu = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(jnp.asarray(feats), st.centers, st.bank_mean)
+  np.testing.assert_array_equal(np.asarray(g_c), 0.0)
+  np.testing.assert_array_equal(np.asarray(g_mu), 0.0)
+  assert np.isfinite(np.asarray(g_f)).all() and np.abs(np.asarray(g_f)).max() > 0
+  # Off (the default): no term, and the maps are those of the plain config.
+  off = run_maps(cam, feats, labels, valid, st, make_cfg(bg_mode=bg_mode))
+  assert "snclr" not in off
+  for key in ("pacam", "protos", "loss_mask"):
+    np.testing.assert_array_equal(np.asarray(off[key]), np.asarray(got[key]))
+
+
+def test_new_flag_defaults():
+  cfg = cpal.default_config()
+  assert cfg.push_min_prob == 0.0 and cfg.bg_mode == "sipe_bg" and not cfg.snclr_contrast
+  assert cfg.snclr_weight == 1.0 and cfg.snclr_temperature == 0.1
+
+
+# ------------------------------------------------------------------ the flags in the CAM train step
+
+
+def test_objectives_wiring_snclr_push_gate_and_bank_shape():
+  """compute_losses adds snclr_weight * "snclr" to the total; after_step gates the push on the
+  class logits; init_state and the checkpoint fingerprint follow bank_bg's extra row."""
+  small = {
+      "data.num_classes": K + 1,
+      "method.cpal.capacity": CAPACITY,
+      "method.cpal.num_clusters": KC,
+      "method.cpal.top_k": TOP,
+  }
+  config = cpal_config(
+      **small,
+      **{
+          "method.cpal.snclr_contrast": True,
+          "method.cpal.snclr_weight": 0.5,
+          "method.cpal.push_min_prob": 0.5,
+      },
+  )
+  cam, feats, labels, valid = make_inputs(95)
+  st, _ = make_state(96)
+  fresh = objectives.init_state(config, D, 1)
+  assert jax.tree.map(np.shape, fresh) == jax.tree.map(np.shape, st)
+  score = np.array([[2.0, -2.0, 0.0], [1.0, 3.0, -0.5], [-1.0, 0.3, 4.0]], np.float32)
+  out = {"cam": jnp.asarray(cam), "score": jnp.asarray(score), "x4": jnp.asarray(feats)}
+  terms, aux = objectives.compute_losses(
+      config, out, jnp.asarray(feats), jnp.asarray(labels), jnp.asarray(valid), st
+  )
+  maps = run_maps(cam, feats, labels, valid, st, config.method.cpal, bg_feature=feats)
+  np.testing.assert_allclose(float(terms["snclr"]), float(maps["snclr"]), rtol=1e-6)
+  assert float(terms["snclr"]) > 0
+  np.testing.assert_allclose(
+      float(terms["total"]), float(terms["cls"] + terms["self"] + 0.5 * terms["snclr"]), rtol=1e-6
+  )
+  new = objectives.after_step(config, st, aux)
+  pvalid = np.asarray(maps["proto_valid"])
+  gate = np_sigmoid(score) > 0.5
+  assert (pvalid & ~gate).any()
+  ref = np_push(
+      (np.asarray(st.bank.feats), np.asarray(st.bank.ptr), np.asarray(st.bank.count)),
+      np.asarray(maps["protos"]),
+      pvalid & gate,
+  )
+  np.testing.assert_array_equal(np.asarray(new.bank.count), ref[2])
+  np.testing.assert_array_equal(np.asarray(new.bank.feats), ref[0])
+
+  # Off: no term, no gate (the push of every valid prototype).
+  plain = cpal_config(**small)
+  terms0, aux0 = objectives.compute_losses(
+      plain, out, jnp.asarray(feats), jnp.asarray(labels), jnp.asarray(valid), st
+  )
+  assert "snclr" not in terms0 and "score" not in aux0
+  np.testing.assert_array_equal(np.asarray(objectives.after_step(plain, st, aux0).bank.count), pvalid.sum(0))
+
+  # bank_bg: C = K + 1 rows before padding; the fingerprint refuses a resume across the change only.
+  bg = cpal_config(**small, **{"method.cpal.bg_mode": "bank_bg"})
+  assert objectives.init_state(bg, D, 1).bank.feats.shape[0] == K + 1
+  assert objectives.init_state(bg, D, 3).bank.feats.shape[0] == 6
+  assert objectives.init_state(plain, D, 3).bank.feats.shape[0] == 3
+  fp = checkpointing.fingerprint
+  assert fp(bg)["method.cpal.bg_mode"] == "bank_bg" and fp(plain)["method.cpal.bg_mode"] is None
+  for saved, current in ((plain, bg), (bg, plain)):
+    with pytest.raises(ValueError, match="method.cpal.bg_mode"):
+      checkpointing.check_compatible(fp(saved), fp(current), "ckpt")
+  other = cpal_config(**small, **{"method.cpal.bg_mode": "one_minus_max"})
+  checkpointing.check_compatible(fp(plain), fp(other), "ckpt")
+  old = {k: v for k, v in fp(plain).items() if k != "method.cpal.bg_mode"}  # written before the key
+  checkpointing.check_compatible(old, fp(plain), "ckpt")
+
+
+def test_train_step_with_all_three_flags():
+  """The jitted CAM step with push_min_prob, bank_bg and snclr_contrast on: banks fill (the
+  background row included), k-means, then a step with L_self and the SNCLR term live, all finite."""
+  config = cpal_config(
+      **{
+          "method.cpal.push_min_prob": 0.05,
+          "method.cpal.bg_mode": "bank_bg",
+          "method.cpal.snclr_contrast": True,
+      }
+  )
+  mesh = sharding.make_mesh(1)
+  source = pipeline.make_source(config, config.data.train_split)
+  setup = cam_stage.build(config, mesh, len(source))
+  data = pipeline.train_iterator(config, source, setup.schedule)
+  state = setup.init_state()
+  c = config.data.num_classes
+  assert state.extra.bank.feats.shape[0] == c  # 9 classes + the background row
+  key = jax.random.key(0)
+  metrics = []
+  for step in range(2):  # step 0 fills the banks (cold start), k-means, step 1 has L_self and SNCLR
+    if step == 1:
+      state = state.replace(extra=setup.recluster(state.extra, jax.random.key(1)))
+    state, m = setup.step_fn(state, sharding.global_batch(next(data), mesh), key)
+    metrics.append(jax.device_get(m))
+  extra = jax.device_get(state.extra)
+  for m in metrics:
+    assert "loss/snclr" in m
+    for k, v in m.items():
+      assert np.isfinite(v), (k, v)
+  assert metrics[0]["loss/snclr"] == 0.0  # cold start: no context prototypes yet
+  assert metrics[-1]["loss/snclr"] > 0 and metrics[-1]["loss/self"] > 0
+  assert int(extra.bank.count[c - 1]) > 0 and bool(extra.ready[c - 1])  # the background bank
+  assert int(extra.bank.count[: c - 1].max()) > 0
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(extra) if np.issubdtype(x.dtype, np.floating))

@@ -42,6 +42,10 @@ def default_config() -> ml_collections.ConfigDict:
   p.cold_start = "epoch"
   p.recluster_steps = 200
   p.min_bank_entries = 1  # a class needs this many bank entries to get context prototypes
+  # [I] RCA's push gate (METHOD.md 3.4): instance prototype (b, n) enters class n's bank only if the
+  # classifier probability sigmoid(z_{b,n}) > push_min_prob; 0 = off (CPAL names no gate; RCA: 0.7).
+  # The background row of bg_mode=bank_bg has no logit and is never gated.
+  p.push_min_prob = 0.0
   p.neighbours = True  # Eq. 6 top-K selection (False: the instance prototype alone, Table 2 row 1)
   p.top_k = 20  # 0 = all K_c (plain context prototypes, Table 1 row II)
   p.positiveness = True  # Eq. 7 (False: uniform weights over the neighbours)
@@ -51,11 +55,22 @@ def default_config() -> ml_collections.ConfigDict:
   p.fda = True  # Eqs. 8-12 feature distribution alignment
   p.fda_target = "pixels"  # pixels | anchor | both
   p.gamma = 1.0
-  p.bg_mode = "sipe_bg"  # sipe_bg | one_minus_max
+  # Background PACAM channel (METHOD.md 3.8): sipe_bg (SIPE's image-specific background prototype)
+  # | one_minus_max (1 - max_n PACAM_n) | bank_bg ([I] a background bank as class 0, stored as the
+  # bank row after the C-1 foreground rows: the per-image prototype of the valid pixels outside every
+  # Eq. 4 foreground mask is pushed, clustered and used by Eqs. 6-13 like a class; see cpal_maps).
+  p.bg_mode = "sipe_bg"
   p.include_instance_proto = False
   p.instance_weight = 0.5  # with include_instance_proto
   p.self_loss = True  # Eq. 14 (False: Table 1 rows II-IV train with L_BCE only)
   p.self_weight = 1.0  # beta of Eq. 1
+  # [I] SNCLR-style soft-neighbour InfoNCE (METHOD.md 3.1, 3.6 Claim 1), its own loss term "snclr":
+  # per valid instance prototype p^n, cross-entropy of softmax_j(cos(p^n, c_j^n) / T) over all of
+  # class n's context prototypes against the Eq. 7 weights of its top-K neighbours (detached,
+  # summing to 1); mean over the valid (b, n). Trains p^n (the features), never the centres.
+  p.snclr_contrast = False
+  p.snclr_weight = 1.0  # its weight in the total loss
+  p.snclr_temperature = 0.1  # T: cosine logits (tau_w = 1 on cosines in [-1, 1] would be too flat)
   p.keep_sipe_gsc = False
   p.seed_map = "pacam"  # pacam | cam | fused: the map scored as the seed
   p.fused_lambda = 0.7  # fused = CAM + lambda * PACAM (SFC style)
@@ -64,15 +79,22 @@ def default_config() -> ml_collections.ConfigDict:
 
 @flax.struct.dataclass
 class CPALState:
-  bank: bank_lib.Bank  # [K_pad, capacity, D] ring buffers, K_pad >= C-1 (padded for sharding)
+  """Row n-1 holds foreground class n (n = 1..C-1); with bg_mode=bank_bg row C-1 holds the
+  background (class 0); any rows after that are sharding padding, never written."""
+
+  bank: bank_lib.Bank  # [K_pad, capacity, D] ring buffers, K_pad >= rows (padded for sharding)
   centers: jax.Array  # [K_pad, Kc, D] context prototypes c_k^n
   center_valid: jax.Array  # [K_pad, Kc] bool
   bank_mean: jax.Array  # [K_pad, D] mu_c^n of Eq. 12
   ready: jax.Array  # [K_pad] bool: class n has context prototypes to use
 
 
-def init_state(num_fg: int, capacity: int, dim: int, num_clusters: int, pad_to: int = 1) -> CPALState:
-  bank = bank_lib.create(num_fg, capacity, dim, pad_to)
+def init_state(
+    num_fg: int, capacity: int, dim: int, num_clusters: int, pad_to: int = 1, background: bool = False
+) -> CPALState:
+  """Empty banks for num_fg classes (plus a background row after them if `background`, for
+  bg_mode=bank_bg), the row axis padded to a multiple of pad_to."""
+  bank = bank_lib.create(num_fg + int(background), capacity, dim, pad_to)
   k = bank.feats.shape[0]
   return CPALState(
       bank=bank,
@@ -116,6 +138,23 @@ def instance_prototypes(norm_cam_fg, feats, labels, tau: float, mask_mode: str =
   protos = jnp.einsum("bhwk,bhwd->bkd", m, feats) / jnp.maximum(area, 1.0)[..., None]
   valid = (labels > 0) & (area > 0)
   return protos, valid
+
+
+def background_prototype(norm_cam, feats, valid, tau: float):
+  """[I] bank_bg's Eq. 4 for class 0: p^0 = mean of f over the reliable background
+  M^0(i) = valid(i) [max_n A_n(i) <= tau], the valid pixels outside every (thresh-mode) Eq. 4
+  foreground mask; A is the max-normalised, label-masked CAM, so absent classes claim nothing.
+  (Equivalently 1 - max_n A_n >= 1 - tau: SEAM's background over the present classes, thresholded
+  at 1 - tau rather than tau, which would keep every pixel below 90% of a class's peak.)
+
+  norm_cam [B, h, w, C] (as cpal_maps builds it, channel 0 background); feats [B, h, w, D];
+  valid [B, h, w]. Returns (proto [B, 1, D], valid [B, 1]); no background pixel: invalid zero.
+  """
+  fg_max = jnp.max(norm_cam[..., 1:], axis=-1)
+  m = ((fg_max <= tau) & (valid > 0)).astype(feats.dtype)[..., None]  # [B, h, w, 1]
+  area = m.sum(axis=(1, 2))  # [B, 1]
+  proto = jnp.einsum("bhwk,bhwd->bkd", m, feats) / jnp.maximum(area, 1.0)[..., None]
+  return proto, area > 0
 
 
 def _cosine(a, b, axis=-1):
@@ -209,6 +248,31 @@ def gather_centers(centers, center_valid, idx, sel_valid):
   return picked, ok
 
 
+def snclr_loss(protos, valid, centers, center_valid, idx, weights, temperature: float):
+  """[I] SNCLR-style soft-neighbour InfoNCE (METHOD.md 3.1, 3.6 Claim 1).
+
+  For each (b, n) with valid[b, n] and a neighbour: targets t_j = sum of the weights of the slots
+  that picked centre j (Eq. 7's w_k^n over the top-K, renormalised to sum 1), logits
+  s_j = cos(p_b^n, c_j^n) / T over every valid centre j of class n (others masked out), and
+  loss = -sum_j t_j log softmax(s)_j; the mean over those (b, n), 0 if there are none.
+  protos [B, K, D] (with gradient); valid [B, K]; centers [K, Kc, D]; center_valid [K, Kc];
+  idx/weights [B, K, T] (weights 0 on unusable slots). Centres and targets are constants.
+  """
+  k, kc = protos.shape[1], centers.shape[1]
+  centers = jax.lax.stop_gradient(centers[:k])
+  t = jnp.sum(jax.lax.stop_gradient(weights)[..., None] * jax.nn.one_hot(idx, kc), axis=-2)  # [B, K, Kc]
+  total = t.sum(-1)
+  ok = valid & (total > 0)
+  t = t / jnp.maximum(total, 1e-12)[..., None]
+  logits = jnp.where(
+      center_valid[None, :k], _cosine(protos[:, :, None, :], centers[None]) / temperature, NEG_INF
+  )
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  ce = -jnp.sum(jnp.where(t > 0, t * logp, 0.0), axis=-1)  # [B, K]
+  okf = ok.astype(ce.dtype)
+  return jnp.sum(ce * okf) / jnp.maximum(okf.sum(), 1.0)
+
+
 def cpal_maps(cam, feats, labels, valid, state: CPALState, cfg, bg_feature=None) -> dict[str, Any]:
   """The CPAL branch of one forward pass.
 
@@ -216,12 +280,33 @@ def cpal_maps(cam, feats, labels, valid, state: CPALState, cfg, bg_feature=None)
   [B, h, w]; bg_feature: what SIPE's structure seeds use for the background prototype (x4 in
   training, F_hie at inference) when cfg.bg_mode == "sipe_bg".
   Returns norm_cam [B, h, w, C] (masked, with background), pacam [B, h, w, C] (normalised, with
-  background), protos/proto_valid (Eq. 4) for the bank, and the channel mask L_self may use.
+  background), protos/proto_valid (Eq. 4) for the bank, the channel mask L_self may use, and with
+  cfg.snclr_contrast the "snclr" loss. protos/proto_valid line up with the bank rows: [B, C-1, ...],
+  or [B, C, ...] with bg_mode=bank_bg (the background prototype last, as its bank row).
+
+  bank_bg runs the background through Eqs. 6-13 as one more class: its instance prototype
+  (background_prototype), top-K of its context prototypes, positiveness, its own shift xi_0 and
+  the Eq. 13 map, max-normalised; the state needs the background row (init_state(background=True)).
   """
+  if cfg.bg_mode not in ("sipe_bg", "one_minus_max", "bank_bg"):
+    raise ValueError(f"method.cpal.bg_mode={cfg.bg_mode!r}: choose sipe_bg, one_minus_max or bank_bg")
   mask = sipe.label_mask(valid, labels)
   norm_cam = sipe.norm_cam_with_background(cam) * mask
   protos, proto_valid = instance_prototypes(norm_cam[..., 1:], feats, labels, cfg.tau, cfg.mask_mode)
-  k = labels.shape[1]
+  bank_bg = cfg.bg_mode == "bank_bg"
+  row_mask = mask[..., 1:]  # the map channels of the rows Eqs. 6-13 run on
+  if bank_bg:
+    rows = labels.shape[1] + 1
+    if state.ready.shape[0] < rows:
+      raise ValueError(
+          f"method.cpal.bg_mode=bank_bg needs {rows} bank rows (the background after the "
+          f"{rows - 1} classes), the state has {state.ready.shape[0]}: init_state(..., background=True)"
+      )
+    bg_proto, bg_valid = background_prototype(norm_cam, feats, valid, cfg.tau)
+    protos = jnp.concatenate([protos, bg_proto], axis=1)
+    proto_valid = jnp.concatenate([proto_valid, bg_valid], axis=1)
+    row_mask = jnp.concatenate([row_mask, mask[..., :1]], axis=-1)
+  k = protos.shape[1]
   ready = state.ready[:k]
 
   xi = (
@@ -238,10 +323,13 @@ def cpal_maps(cam, feats, labels, valid, state: CPALState, cfg, bg_feature=None)
   if cfg.fda and cfg.fda_target not in ("pixels", "anchor", "both"):
     raise ValueError(f"method.cpal.fda_target={cfg.fda_target!r}: choose pixels, anchor or both")
 
+  out = {}
   own = anchor[:, :, None]  # the instance prototype as one more "neighbour"
   if not cfg.neighbours:
     # Table 2's first row: no context, only the image's own prototype (a SIPE-style IS-CAM).
     selected, w = own, jnp.ones(own.shape[:3])
+    if cfg.snclr_contrast:
+      out["snclr"] = jnp.zeros((), jnp.float32)  # no context prototypes to contrast with
   else:
     top_k = cfg.top_k if cfg.top_k > 0 else state.centers.shape[1]
     idx, sel_ok = select_neighbours(anchor, state.centers[:k], state.center_valid[:k], top_k)
@@ -250,6 +338,10 @@ def cpal_maps(cam, feats, labels, valid, state: CPALState, cfg, bg_feature=None)
       w = positiveness(anchor, selected, sel_ok, cfg.positiveness_metric, cfg.tau_w, cfg.positiveness_grad)
     else:
       w = uniform_weights(sel_ok)
+    if cfg.snclr_contrast:
+      out["snclr"] = snclr_loss(
+          protos, proto_valid & ready[None], state.centers, state.center_valid, idx, w, cfg.snclr_temperature
+      )
     if cfg.include_instance_proto:
       w0 = cfg.instance_weight
       selected = jnp.concatenate([selected, own], axis=2)
@@ -257,27 +349,32 @@ def cpal_maps(cam, feats, labels, valid, state: CPALState, cfg, bg_feature=None)
   w = w * proto_valid[..., None]
   usable = (ready[None] | (not cfg.neighbours)) & proto_valid
   fg = prototype_cam(feats, selected, w, pixel_shift, cfg.gamma) * usable[:, None, None, :]
-  fg = sipe.max_normalize(fg * mask[..., 1:])
+  fg = sipe.max_normalize(fg * row_mask)
 
-  if cfg.bg_mode == "sipe_bg":
+  if bank_bg:
+    fg, bg = fg[..., :-1], fg[..., -1:]
+    usable, bg_usable = usable[:, :-1], usable[:, -1:]
+  elif cfg.bg_mode == "sipe_bg":
     seed_feat = feats if bg_feature is None else bg_feature
     seeds = sipe.structure_seeds(norm_cam, seed_feat, mask)
     bg_proto = sipe.class_prototypes(seeds[..., :1], feats)  # [B, 1, D]
     bg = sipe.max_normalize(sipe.cosine_cam(feats, bg_proto)) * mask[..., :1]
-  elif cfg.bg_mode == "one_minus_max":
-    bg = (1.0 - jnp.max(fg, axis=-1, keepdims=True)) * mask[..., :1]
   else:
-    raise ValueError(f"method.cpal.bg_mode={cfg.bg_mode!r}: choose sipe_bg or one_minus_max")
+    bg = (1.0 - jnp.max(fg, axis=-1, keepdims=True)) * mask[..., :1]
   pacam = jnp.concatenate([bg, fg], axis=-1)
   # Channels L_self may compare: present classes that have context prototypes, and the background
-  # of images that have at least one (none during the cold start: L_BCE alone, METHOD.md 3.4).
-  loss_mask = jnp.concatenate([jnp.any(usable, axis=-1, keepdims=True), usable], axis=-1)
+  # of images that have at least one (none during the cold start: L_BCE alone, METHOD.md 3.4);
+  # bank_bg's background channel, like a class, where its own context prototypes were used.
+  if not bank_bg:
+    bg_usable = jnp.any(usable, axis=-1, keepdims=True)
+  loss_mask = jnp.concatenate([bg_usable, usable], axis=-1)
   return {
       "norm_cam": norm_cam,
       "pacam": pacam,
       "protos": protos,
       "proto_valid": proto_valid,
       "loss_mask": loss_mask,
+      **out,
   }
 
 
@@ -290,6 +387,25 @@ def self_loss(norm_cam, pacam, loss_mask):
   return jnp.mean(jnp.abs(norm_cam - pacam) * loss_mask[:, None, None, :].astype(norm_cam.dtype))
 
 
-def push_prototypes(state: CPALState, protos, proto_valid) -> CPALState:
-  """Eq. 5: the detached instance prototypes of the whole (global) batch enter the FIFO banks."""
+def push_gate(proto_valid, score, min_prob: float):
+  """[I] RCA's push gate: proto_valid & (sigmoid(score) > min_prob); min_prob <= 0 is off (the
+  validity unchanged, whatever the logits). score [B, C-1] lines up with the first C-1 rows of
+  proto_valid [B, R]; a trailing background row (bank_bg) has no logit and is not gated."""
+  if min_prob <= 0.0 or score is None:
+    return proto_valid
+  k = score.shape[1]
+  if proto_valid.shape[1] not in (k, k + 1):
+    raise ValueError(f"push gate: {score.shape[1]} class logits for {proto_valid.shape[1]} bank rows")
+  gate = jax.nn.sigmoid(jax.lax.stop_gradient(score).astype(jnp.float32)) > min_prob
+  if proto_valid.shape[1] > k:
+    gate = jnp.concatenate([gate, jnp.ones_like(gate[:, :1])], axis=1)
+  return proto_valid & gate
+
+
+def push_prototypes(state: CPALState, protos, proto_valid, score=None, min_prob: float = 0.0) -> CPALState:
+  """Eq. 5: the detached instance prototypes of the whole (global) batch enter the FIFO banks.
+
+  With score (the class logits z [B, C-1]) and min_prob > 0, only those with sigmoid(z) > min_prob
+  (push_gate; cfg.push_min_prob)."""
+  proto_valid = push_gate(proto_valid, score, min_prob)
   return state.replace(bank=bank_lib.push(state.bank, jax.lax.stop_gradient(protos), proto_valid))

@@ -24,7 +24,12 @@ def init_state(config, feat_dim: int, num_devices: int):
     return {}
   p = config.method.cpal
   return cpal.init_state(
-      config.data.num_classes - 1, p.capacity, feat_dim, p.num_clusters, pad_to=num_devices
+      config.data.num_classes - 1,
+      p.capacity,
+      feat_dim,
+      p.num_clusters,
+      pad_to=num_devices,
+      background=p.bg_mode == "bank_bg",  # row C-1: the background bank
   )
 
 
@@ -65,7 +70,12 @@ def compute_losses(config, out: dict, features, labels, valid, extra, view2=None
     if m.cpal.self_loss:
       terms["self"] = cpal.self_loss(maps["norm_cam"], maps["pacam"], maps["loss_mask"])
       total = total + m.cpal.self_weight * terms["self"]
+    if m.cpal.snclr_contrast:
+      terms["snclr"] = maps["snclr"]
+      total = total + m.cpal.snclr_weight * terms["snclr"]
     aux = {"protos": maps["protos"], "proto_valid": maps["proto_valid"]}
+    if m.cpal.push_min_prob > 0:
+      aux["score"] = out["score"]  # the push gate's class logits
     terms["ready_classes"] = jnp.sum(extra.ready[: labels.shape[1]])
   if m.name == "ppc":
     p = m.ppc
@@ -88,7 +98,9 @@ def compute_losses(config, out: dict, features, labels, valid, extra, view2=None
 def after_step(config, extra, aux):
   if config.method.name != "cpal":
     return extra
-  return cpal.push_prototypes(extra, aux["protos"], aux["proto_valid"])
+  return cpal.push_prototypes(
+      extra, aux["protos"], aux["proto_valid"], aux.get("score"), config.method.cpal.push_min_prob
+  )
 
 
 def recluster_due(config, step: int, steps_per_epoch: int) -> bool:
