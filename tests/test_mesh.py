@@ -20,13 +20,7 @@ HOSTS, LOCAL = 2, 4
 BATCH_AXES = ("replica", sharding.DATA)
 
 
-@pytest.fixture(autouse=True)
-def _fast_compiles():
-  # A compile-only test: XLA's optimisations cost time and are not what is checked here.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def mesh_2x4() -> Mesh:

@@ -43,14 +43,7 @@ def leaf_dtypes(tree) -> set:
   return {np.dtype(x.dtype) for x in jax.tree.leaves(tree)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  # Tiny shapes: XLA's optimisations cost more compile time than they save (as in test_seg).
-  # Restored so other modules run as configured.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def test_compute_dtype_names():

@@ -28,14 +28,7 @@ from test_train import tiny_config
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  # The end-to-end tests compile the MSC step three times; XLA's optimisations cost more than they
-  # save on these tiny shapes. Restored so other modules run as configured.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 # ------------------------------------------------------------------------------------------ model

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import os
 import re
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
+
+from cpal_jax.data.source import IdListSource
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ class _Index:
     self.segments = per_image
 
 
-class COCOSource:
+class COCOSource(IdListSource):
   """Random-access COCO 2014 split (grain RandomAccessDataSource protocol).
 
   Args:
@@ -472,17 +473,8 @@ class COCOSource:
       )
     return path
 
-  def __len__(self) -> int:
-    return len(self._ids)
-
-  def ids(self) -> list[str]:
-    return list(self._ids)
-
   def __getitem__(self, index) -> dict:
-    index = operator.index(index)
-    if not -len(self._ids) <= index < len(self._ids):
-      raise IndexError(f"COCOSource index {index} out of range for {len(self._ids)} ids")
-    index %= len(self._ids)
+    index = self._position(index)
     image_id = self._ids[index]
     context = f" (listed in {self._split_display()})"
     image = load_image(self.image_dir / self._file_names[index], context)

@@ -46,7 +46,6 @@ import collections
 import concurrent.futures
 import io
 import logging
-import operator
 import os
 import re
 import shutil
@@ -58,6 +57,7 @@ import numpy as np
 from PIL import Image
 
 from cpal_jax.data import voc
+from cpal_jax.data.source import IdListSource
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def pack(
 
 
 # --------------------------------------------------------------------------- reading
-class TFDSSource:
+class TFDSSource(IdListSource):
   """A packed split as a random-access source (the VOCSource protocol and element schema).
 
   Args:
@@ -364,18 +364,8 @@ class TFDSSource:
     state["_ds"] = None  # the shard readers stay in their process; reopened on first read
     return state
 
-  def __len__(self) -> int:
-    return len(self._ids)
-
-  def ids(self) -> list[str]:
-    return list(self._ids)
-
   def __getitem__(self, index) -> dict:
-    index = operator.index(index)
-    n = len(self._ids)
-    if not -n <= index < n:
-      raise IndexError(f"TFDSSource index {index} out of range for {n} ids")
-    index %= n
+    index = self._position(index)
     if self._ds is None:
       self._ds = self._open()
     record = self._ds[index]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import operator
 import os
 import struct
 import xml.etree.ElementTree as ET
@@ -29,6 +28,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageFile
+
+from cpal_jax.data.source import IdListSource
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +345,7 @@ def _list_names(folder: Path) -> set[str]:
     return set()
 
 
-class VOCSource:
+class VOCSource(IdListSource):
   """Random-access VOC 2012 split (grain RandomAccessDataSource protocol).
 
   Args:
@@ -603,17 +604,8 @@ class VOCSource:
 
   # --- reading ------------------------------------------------------------------------------
 
-  def __len__(self) -> int:
-    return len(self._ids)
-
-  def ids(self) -> list[str]:
-    return list(self._ids)
-
   def __getitem__(self, index) -> dict:
-    index = operator.index(index)
-    if not -len(self._ids) <= index < len(self._ids):
-      raise IndexError(f"VOCSource index {index} out of range for {len(self._ids)} ids")
-    return self._load(self._ids[index])
+    return self._load(self._ids[self._position(index)])
 
   def _load(self, image_id: str, check_only: bool = False):
     """The element of `image_id`; check_only decodes JPEGs at 1/8 scale and returns None."""
