@@ -8,8 +8,8 @@ decay 5e-4, MSC training at 1.0/0.75/0.5 + max; test with MSC max fusion, flip a
   python -m cpal_jax.main --config=configs/voc_seg.py --config.data.root=/data/VOCdevkit/VOC2012 \\
       --config.seg.pretrained=/weights/deeplab_resnet101_imagenet.npz --workdir=runs/voc
 
-The weights are the caffe DeepLab ResNet-101 (ImageNet) converted with
-models.deeplab.convert_torch_state; for torchvision's resnet101 add --config.seg.layout=torchvision.
+The weights are the caffe DeepLab ResNet-101 (ImageNet) converted with `python -m
+cpal_jax.convert_weights`; for torchvision's resnet101 add --config.seg.layout=torchvision.
 Record which init was used next to the number (the COCO-pretrained init leaks COCO into VOC).
 """
 
