@@ -1,5 +1,4 @@
 import json
-import os
 
 import numpy as np
 import pytest
@@ -64,6 +63,7 @@ def test_summarize_threshold_rows_show_fixed_and_oracle():
   assert "| 46.00 +- 1.41 (2) | 37.00 +- 1.41 | 0.44, 0.40 | 50.1 |" in md
 
 
+@pytest.mark.slow
 def test_runs_rows_and_does_not_redo_finished_runs(tmp_path, monkeypatch):
   base = tiny_config(**{"method.cpal.capacity": 16, "method.cpal.num_clusters": 4, "method.cpal.top_k": 2})
   base.train.num_steps = 8  # two epochs of 4 steps: k-means runs once, L_self is on for epoch 2

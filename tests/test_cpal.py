@@ -15,7 +15,7 @@ from cpal_jax.data import pipeline
 from cpal_jax.method import cpal, objectives, sipe
 from cpal_jax.parallel import sharding
 from cpal_jax.train import cam as cam_stage
-from test_sipe import np_label_mask, np_max_normalize, np_norm_cam_with_background, np_relu
+from test_sipe import np_label_mask, np_max_normalize, np_norm_cam_with_background
 from test_train import cpal_config
 
 EPS = 1e-5  # SIPE's max-normalisation epsilon

@@ -135,6 +135,7 @@ def test_eval_cam_names_a_corrupt_file_and_the_fix(sipe_run, tmp_path):
     seed_eval.evaluate(config, copy)
 
 
+@pytest.mark.slow
 def test_plain_cam_maps_have_no_background_and_are_swept(tmp_path):
   config = tiny_config(**{"method.name": "cam", "train.num_steps": 2, "cam.scales": (1.0,)})
   summary = cli.run(config, str(tmp_path))

@@ -4,10 +4,12 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_plug_in_example_runs():
   text = README.read_text()
   match = re.search(r"<!-- plug-in example -->\n```python\n(.*?)```", text, re.S)
@@ -20,6 +22,7 @@ def test_plug_in_example_runs():
   assert seed.shape == (4, 16, 16) and np.isfinite(float(scope["loss"]))
 
 
+@pytest.mark.slow
 def test_ppc_plug_in_example_runs():
   text = README.read_text()
   match = re.search(r"<!-- ppc plug-in example -->\n```python\n(.*?)```", text, re.S)

@@ -6,7 +6,6 @@ import os
 import numpy as np
 
 from cpal_jax.data import palette
-from cpal_jax.infer import cam as infer_cam
 from cpal_jax.refine import irn
 from cpal_jax.refine import stage as refine
 from test_export import write_gt_maps

@@ -114,6 +114,7 @@ def test_eight_devices_match_one(tmp_path):
   _eight_vs_one(tiny_config(), tmp_path, rtol=1e-3, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_with_batch_statistics(tmp_path):
   # BatchNorm on the global batch (synchronised over devices by jit); per-device statistics over
   # one image each would be far off.
@@ -147,6 +148,7 @@ def final_state(config, workdir):
   return jax.tree.map(np.asarray, state)
 
 
+@pytest.mark.slow
 def test_cpal_resume_keeps_bank_pointers_and_centres(tmp_path):
   config = cpal_config()
   cam_stage.train(config, str(tmp_path / "straight"))
@@ -157,6 +159,7 @@ def test_cpal_resume_keeps_bank_pointers_and_centres(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_cpal_eight_devices_match_one(tmp_path):
   if jax.device_count() < 8:
     pytest.skip("needs 8 fake CPU devices (conftest)")
