@@ -24,8 +24,8 @@ def require(path: str, nbytes: int, what: str) -> None:
 
 
 def _human(n: float) -> str:
-  for unit in ("B", "KB", "MB", "GB", "TB"):
-    if n < 1024 or unit == "TB":
+  for unit in ("B", "KB", "MB", "GB"):
+    if n < 1024:
       return f"{n:.1f} {unit}"
     n /= 1024
   return f"{n:.1f} TB"

@@ -73,7 +73,7 @@ def run_toy(s, step_fn, before_step=None):
   """One invocation as a stage runs it: restore or init, then the loop to the end."""
   data_iter = toy_data()
   abstract = jax.eval_shape(fresh_state)
-  ckpt, state, start = loop.restore_or_init(s, abstract, fresh_state, data_iter, loop.tree_bytes(abstract))
+  ckpt, state, start = loop.restore_or_init(s, abstract, fresh_state, data_iter)
   jitted = jax.jit(step_fn)
   return loop.run(
       s,

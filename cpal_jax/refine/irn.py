@@ -271,9 +271,7 @@ def train(config, workdir: str) -> dict:
           f"fg {m['loss/fg_pos']:.4f} neg {m['loss/neg']:.4f})  lr {m['lr']:.4g}"
       ),
   )
-  ckpt, state, start = loop.restore_or_init(
-      spec, setup.abstract_state, setup.init_state, data_iter, loop.tree_bytes(setup.abstract_state)
-  )
+  ckpt, state, start = loop.restore_or_init(spec, setup.abstract_state, setup.init_state, data_iter)
   stop = min(irn.stop_at_step or schedule.num_steps, schedule.num_steps)
   res = loop.run(
       spec, ckpt, state, data_iter, mesh, start, stop, lambda state, batch, step: setup.step_fn(state, batch)

@@ -168,9 +168,7 @@ def train(config, workdir: str) -> dict:
       ckpt_keep=t.ckpt_keep,
       nonfinite=t.nonfinite,
   )
-  ckpt, state, start = loop.restore_or_init(
-      spec, setup.abstract_state, setup.init_state, data_iter, loop.tree_bytes(setup.abstract_state)
-  )
+  ckpt, state, start = loop.restore_or_init(spec, setup.abstract_state, setup.init_state, data_iter)
   stop = min(t.stop_at_step or schedule.num_steps, schedule.num_steps)
   base_key = jax.random.key(config.seed + 1)
   kmeans_key = jax.random.key(config.seed + 2)

@@ -94,14 +94,16 @@ def skip_nonfinite(train_step: Callable) -> Callable:
   return step
 
 
-def restore_or_init(loop: Loop, abstract_state, init_state: Callable, data_iter, state_bytes: int):
+def restore_or_init(loop: Loop, abstract_state, init_state: Callable, data_iter):
   """(checkpointer, state, start step): the latest checkpoint of loop.ckpt_dir restored into the
   abstract state's shardings (data iterator position included), or a fresh state."""
   os.makedirs(loop.ckpt_dir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(loop.ckpt_dir, keep=loop.ckpt_keep)
   start = ckpt.latest_step() or 0
   # keep + 1 checkpoints exist while a new one is written before the oldest goes.
-  diskspace.require(loop.ckpt_dir, state_bytes * (loop.ckpt_keep + 1), f"{loop.name} checkpoints")
+  diskspace.require(
+      loop.ckpt_dir, tree_bytes(abstract_state) * (loop.ckpt_keep + 1), f"{loop.name} checkpoints"
+  )
   if start:
     checkpointing.check_compatible(ckpt.restore_meta(start), loop.meta, ckpt.directory)
     state, _ = ckpt.restore(start, abstract_state, data_iter)

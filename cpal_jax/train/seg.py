@@ -444,8 +444,13 @@ def train(config, workdir: str) -> dict:
   )
   schedule = make_schedule(config, len(source))
   sharding.check_batch(s.batch_size, mesh)
-  start_from_cam = s.init_from_cam and not checkpointing.has_checkpoint(ckpt_dir(workdir))
-  setup = build(config, mesh, schedule.num_steps, cam_backbone(config, workdir) if start_from_cam else None)
+  resuming = checkpointing.has_checkpoint(ckpt_dir(workdir))
+  setup = build(
+      config,
+      mesh,
+      schedule.num_steps,
+      cam_backbone(config, workdir) if s.init_from_cam and not resuming else None,
+  )
   data_iter = train_iterator(config, source, schedule, jax.process_index(), jax.process_count())
 
   spec = loop.Loop(
@@ -461,18 +466,12 @@ def train(config, workdir: str) -> dict:
       nonfinite=s.nonfinite,
       hint=" (a lower seg.lr or seg.balanced_ce=True may help)",
   )
-  if (
-      not (s.pretrained or s.init_from_cam)
-      and s.batch_norm == "frozen"
-      and not checkpointing.has_checkpoint(spec.ckpt_dir)
-  ):
+  if not (s.pretrained or s.init_from_cam) and s.batch_norm == "frozen" and not resuming:
     log.warning(
         "seg: frozen BatchNorm with random init normalises nothing (identity statistics); "
         "set seg.pretrained to converted ImageNet weights, or seg.batch_norm=train"
     )
-  ckpt, state, start = loop.restore_or_init(
-      spec, setup.abstract_state, setup.init_state, data_iter, loop.tree_bytes(setup.abstract_state)
-  )
+  ckpt, state, start = loop.restore_or_init(spec, setup.abstract_state, setup.init_state, data_iter)
   stop = min(s.stop_at_step or schedule.num_steps, schedule.num_steps)
   res = loop.run(
       spec, ckpt, state, data_iter, mesh, start, stop, lambda state, batch, step: setup.step_fn(state, batch)
