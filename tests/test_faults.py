@@ -13,6 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from cpal_jax import checkpointing
 from cpal_jax.infer import cam as infer_cam
 from cpal_jax.infer import export
 from cpal_jax.refine import stage as refine
@@ -88,16 +89,11 @@ def npz_arrays(directory: str) -> dict[str, dict]:
 
 
 def final_checkpoint_arrays(ckpt_dir: str) -> dict[str, np.ndarray]:
-  """The raw arrays of the newest checkpoint's state, read without building any model."""
-  import orbax.checkpoint as ocp
-
-  step = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  with ocp.StandardCheckpointer() as c:
-    tree = c.restore(os.path.join(ckpt_dir, str(step), "state"))
+  """The arrays of the newest checkpoint's state (its step counter included), keyed by path."""
   import jax
 
-  flat = {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
-  return {"step": step, **flat}
+  tree = checkpointing.restore_raw_state(ckpt_dir)
+  return {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 @pytest.mark.slow

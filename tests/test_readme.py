@@ -9,13 +9,18 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def run_block(marker: str) -> dict:
+  """Executes README's python block after `<!-- {marker} -->`; returns its globals."""
+  match = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", README.read_text(), re.S)
+  assert match, f"the {marker} block is missing from README.md"
+  scope = {}
+  exec(compile(match.group(1), f"README {marker}", "exec"), scope)
+  return scope
+
+
 @pytest.mark.slow
 def test_plug_in_example_runs():
-  text = README.read_text()
-  match = re.search(r"<!-- plug-in example -->\n```python\n(.*?)```", text, re.S)
-  assert match, "the plug-in example block is missing from README.md"
-  scope = {}
-  exec(compile(match.group(1), "README plug-in example", "exec"), scope)
+  scope = run_block("plug-in example")
   state, seed = scope["state"], scope["seed"]
   assert int(state.bank.count.sum()) > 0  # prototypes went into the banks
   assert bool(state.ready.any())  # k-means ran on them
@@ -24,11 +29,7 @@ def test_plug_in_example_runs():
 
 @pytest.mark.slow
 def test_ppc_plug_in_example_runs():
-  text = README.read_text()
-  match = re.search(r"<!-- ppc plug-in example -->\n```python\n(.*?)```", text, re.S)
-  assert match, "the PPC plug-in example block is missing from README.md"
-  scope = {}
-  exec(compile(match.group(1), "README PPC plug-in example", "exec"), scope)
+  scope = run_block("ppc plug-in example")
   terms = scope["terms"]
   assert set(terms) == {"ppc_cross_proto", "ppc_cross_label", "ppc_intra", "ppc_nce"}
   assert all(np.isfinite(float(v)) for v in terms.values()) and float(terms["ppc_nce"]) > 0
