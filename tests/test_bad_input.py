@@ -477,6 +477,22 @@ def test_skip_reports_several_problems_once(real, caplog):
   assert VOCSource(str(real), "val").skipped == []
 
 
+def test_skip_checks_each_unchanged_file_once_per_process(real, monkeypatch):
+  ids = train_ids(real)
+  first = VOCSource(str(real), "train", with_mask=True, on_bad_input="skip")
+  assert first.skipped == []
+  loads = []
+  original = VOCSource._load
+  monkeypatch.setattr(
+      VOCSource, "_load", lambda self, i, check_only=False: loads.append(i) or original(self, i, check_only)
+  )
+  again = VOCSource(str(real), "train", with_mask=True, on_bad_input="skip")
+  assert loads == [] and again.ids() == first.ids()  # every stage's source: stat only
+  break_masks(real)  # rewrites the masks of ids 0..2: their checks run again, the rest stay cached
+  third = VOCSource(str(real), "train", with_mask=True, on_bad_input="skip")
+  assert sorted(loads) == sorted(ids[:3]) and [i for i, _ in third.skipped] == ids[:3]
+
+
 def voc_config(root, **data):
   import voc as voc_config_module  # configs/voc.py
 

@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from cpal_jax.data.source import IdListSource
+from cpal_jax.data.source import IdListSource, check_mask_size
 
 log = logging.getLogger(__name__)
 
@@ -491,11 +491,7 @@ class COCOSource(IdListSource):
       if self.mask_dir is not None:
         path = self.mask_dir / f"{image_id}.png"
         mask = load_mask(path, self.num_classes, context)
-        if mask.shape != (h, w):
-          raise ValueError(
-              f"COCO mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image is {h}x{w}; "
-              "the mask belongs to another image or was resized"
-          )
+        check_mask_size(mask, path, h, w, "COCO")
       else:
         mask = self._rasterise(index, h, w)
       element["mask"] = mask

@@ -1,5 +1,6 @@
 """What every random-access source (VOC, COCO, TFDS-packed) shares: an ordered id list, its
-length, and Python-style indexing with a clear IndexError. No jax import: grain workers load it."""
+length, Python-style indexing with a clear IndexError, and the mask-against-image size check.
+No jax import: grain workers load it."""
 
 import operator
 
@@ -22,3 +23,12 @@ class IdListSource:
     if not -n <= index < n:
       raise IndexError(f"{type(self).__name__} index {index} out of range for {n} ids")
     return index % n
+
+
+def check_mask_size(mask, mask_path, height: int, width: int, dataset: str, hint: str = "") -> None:
+  """A mask must cover its image pixel for pixel; anything else was resized or is another image's."""
+  if mask.shape != (height, width):
+    raise ValueError(
+        f"{dataset} mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but its image is "
+        f"{height}x{width}; the mask belongs to another image or was resized" + (f", {hint}" if hint else "")
+    )

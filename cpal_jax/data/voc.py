@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageFile
 
-from cpal_jax.data.source import IdListSource
+from cpal_jax.data.source import IdListSource, check_mask_size
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ _FILE_EXTS = (".jpg", ".jpeg", ".png")
 # some plugins raise SyntaxError, struct.error or ValueError on malformed data).
 _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, Image.DecompressionBombError)
 _SKIP_HINT = "or set data.on_bad_input=skip to drop such ids"
+# data.on_bad_input=skip: each id's check result, keyed by VOCSource._check_key. Every stage builds
+# its sources again; with this a process decodes each unchanged file once (train_aug: ~30 s).
+_CHECKED: dict[tuple, str | None] = {}
 _warned_truncated = False
 
 
@@ -372,8 +375,9 @@ class VOCSource(IdListSource):
         valid values and the image's size, the label has a class; a thread pool of up to 8
         runs the checks (train_aug, 10,582 ids: about 30 s on one core). Bad ids are
         dropped, later repeats of an id are dropped, one warning gives the count and the
-        first reasons, and `skipped` lists every (id, reason). Each construction checks
-        again: every make_source call pays this cost.
+        first reasons, and `skipped` lists every (id, reason). Results are kept for the
+        process, keyed by each file's size and mtime: a later construction only stats the
+        files and decodes the ones that changed.
     allow_pickle: let a pickled .npy label table load (data.allow_pickle); it runs code
       from the file.
 
@@ -578,11 +582,36 @@ class VOCSource(IdListSource):
     return ids
 
   def _problem(self, image_id: str) -> str | None:
+    key = self._check_key(image_id)
+    if key is not None and key in _CHECKED:
+      return _CHECKED[key]
     try:
       self._load(image_id, check_only=True)
+      reason = None
     except (OSError, ValueError, KeyError) as e:  # OSError: FileNotFoundError, PermissionError
-      return _one_line(e)
-    return None
+      reason = _one_line(e)
+    if key is not None:
+      _CHECKED[key] = reason
+    return reason
+
+  def _check_key(self, image_id: str) -> tuple | None:
+    """What the check of one id depends on: its files' paths, sizes and mtimes, and how labels are
+    read. None (check again) if a file cannot be stat'ed."""
+    files = [self.root / "JPEGImages" / f"{image_id}.jpg"]
+    if self.mask_dir is not None:
+      files.append(self.mask_dir / f"{image_id}.png")
+    if self.labels_mode == "xml":
+      files.append(self.root / "Annotations" / f"{image_id}.xml")
+    if self.labels_path is not None:
+      files.append(Path(self.labels_path))
+    stats = []
+    try:
+      for f in files:
+        st = f.stat()
+        stats.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
+    except OSError:
+      return None
+    return (self.labels_mode, self.num_classes, self.allow_pickle, tuple(stats))
 
   def _table_label(self, image_id: str) -> np.ndarray:
     if image_id in self._bad_labels:
@@ -617,11 +646,7 @@ class VOCSource(IdListSource):
     if self.mask_dir is not None:
       mask_path = self.mask_dir / f"{image_id}.png"
       mask = load_mask(mask_path, self.num_classes, context)
-      if mask.shape != (h, w):
-        raise ValueError(
-            f"VOC mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but its image is "
-            f"{h}x{w}; the mask belongs to another image or was resized, {_SKIP_HINT}"
-        )
+      check_mask_size(mask, mask_path, h, w, "VOC", _SKIP_HINT)
     if self.labels_mode == "table":
       label = self._table_label(image_id).copy()
     elif self.labels_mode == "xml":
