@@ -157,7 +157,8 @@ def cli() -> None:
     if unknown:
       raise app.UsageError(f"unknown rows {sorted(unknown)} for table {table.value}")
     pipeline_main.setup_logging()
-    run_table(config_flag.value, table.value, seeds, workdir.value, rows)
+    with pipeline_main.exit_on_preemption():
+      run_table(config_flag.value, table.value, seeds, workdir.value, rows)
 
   app.run(main)
 

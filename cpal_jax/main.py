@@ -7,9 +7,10 @@
 Every stage reads only what earlier stages wrote to the workdir, so any suffix can be re-run.
 """
 
-import sys
+import contextlib
 import logging
 import os
+import sys
 import time
 
 from absl import app, flags
@@ -115,6 +116,19 @@ def define_config_flag(help_text: str):
   )
 
 
+@contextlib.contextmanager
+def exit_on_preemption():
+  """A stage stopped by SIGTERM/SIGINT ends the command with its resume hint and exit code 75
+  (what launchers retry on), not with a traceback."""
+  from cpal_jax.train import loop
+
+  try:
+    yield
+  except loop.Preempted as e:
+    log.warning("%s", e)
+    sys.exit(loop.PREEMPTED_EXIT_CODE)
+
+
 def cli() -> None:
   config_flag = define_config_flag("Pipeline config file (get_config()).")
   workdir_flag = flags.DEFINE_string("workdir", None, "Run directory; overrides config.workdir.")
@@ -124,15 +138,10 @@ def cli() -> None:
       raise app.UsageError(
           f"unexpected arguments {argv[1:]}; options are --config, --config.<key>=value, --workdir"
       )
-    from cpal_jax.train import loop
-
     setup_logging()
     config = config_flag.value
-    try:
+    with exit_on_preemption():
       run(config, workdir_flag.value or config.workdir or os.path.join("runs", "default"))
-    except loop.Preempted as e:
-      log.warning("%s", e)
-      sys.exit(loop.PREEMPTED_EXIT_CODE)
 
   app.run(main)
 

@@ -63,14 +63,16 @@ def write_config(tmp_path) -> str:
   return str(path)
 
 
-def run_cli(config_path: str, workdir: str, fault: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    config_path: str, workdir: str, fault: str | None = None, module: str = "cpal_jax.main", *args: str
+) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if k != "CPAL_JAX_FAULT"}
   env["JAX_PLATFORMS"] = "cpu"
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   if fault:
     env["CPAL_JAX_FAULT"] = fault
   return subprocess.run(
-      [sys.executable, "-m", "cpal_jax.main", f"--config={config_path}", f"--workdir={workdir}"],
+      [sys.executable, "-m", module, f"--config={config_path}", f"--workdir={workdir}", *args],
       cwd=REPO,
       env=env,
       capture_output=True,
@@ -134,3 +136,19 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(tmp_path):
       os.path.join(d, f) for d, _, files in os.walk(faulty) for f in files if ".tmp" in f and "ckpt" not in d
   ]
   assert not leftovers, leftovers
+
+
+@pytest.mark.slow
+def test_preempted_ablation_exits_with_the_resume_hint_and_resumes(tmp_path):
+  config_path = write_config(tmp_path)
+  workdir = str(tmp_path / "ablation")
+  args = ("--table=1", "--rows=I", "--seeds=0")
+  res = run_cli(config_path, workdir, "train_cam/step/2:TERM", "cpal_jax.ablation", *args)
+  assert res.returncode == loop.PREEMPTED_EXIT_CODE, res.stderr[-3000:]
+  assert "Run the same command again" in res.stderr and "Traceback" not in res.stderr
+  res = run_cli(config_path, workdir, None, "cpal_jax.ablation", *args)
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = json.load(open(os.path.join(workdir, "table1.json")))
+  assert [r["row"] for r in rows] == ["I"] and np.isfinite(rows[0]["mean"])
+  summary = json.load(open(os.path.join(workdir, "table1", "I", "seed0", "summary.json")))
+  assert summary["train_cam"]["steps"] == OVERRIDES["train.num_steps"]
