@@ -536,3 +536,34 @@ def test_bad_mask_value_names_the_file(tmp_path):
 def test_evaluate_without_checkpoint_says_train_first(tmp_path):
   with pytest.raises(FileNotFoundError, match="train_seg"):
     seg_eval.evaluate(seg_config(), str(tmp_path))
+
+
+def test_init_from_cam_starts_the_backbone_from_the_cam_checkpoint(tmp_path):
+  from cpal_jax.train import cam as cam_stage
+
+  workdir = str(tmp_path)
+  config = seg_config(**{"seg.init_from_cam": True})
+  with pytest.raises(FileNotFoundError, match="no CAM checkpoint.*run train_cam first"):
+    seg.cam_backbone(config, workdir)
+  mesh = sharding.make_mesh(1)
+  cam_state = cam_stage.build(config, mesh, config.data.num_train).init_state()
+  # Shifted so that a fresh DeepLab init cannot match it by sharing the init seed.
+  cam_state = cam_state.replace(
+      params=jax.tree.map(lambda x: x + 0.25, cam_state.params),
+      batch_stats=jax.tree.map(lambda x: x + 0.5, cam_state.batch_stats),
+  )
+  ckpt = checkpointing.Checkpointer(cam_stage.ckpt_dir(workdir), async_save=False)
+  ckpt.save(3, cam_state, None, {})
+  ckpt.close()
+
+  seg_state = seg.build(config, mesh, STEPS, seg.cam_backbone(config, workdir)).init_state()
+  for col in ("params", "batch_stats"):
+    want = traverse_util.flatten_dict(getattr(cam_state, col)["backbone"])
+    got = traverse_util.flatten_dict(getattr(seg_state, col)["backbone"])
+    assert set(got) == set(want)
+    for k in want:
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=f"{col}/{k}")
+  assert np.all(np.abs(np.asarray(seg_state.params["aspp"]["c0"]["bias"])) == 0)  # the new head stays new
+
+  with pytest.raises(ValueError, match="seg.backbone == model.backbone"):
+    seg.cam_backbone(seg_config(**{"seg.init_from_cam": True, "seg.layout": "caffe"}), workdir)

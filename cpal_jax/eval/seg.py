@@ -248,7 +248,7 @@ def evaluate(config, workdir: str) -> dict:
       "scales": list(ev.scales),
       "flip": bool(ev.flip),
       "crf": bool(ev.crf),
-      "init": config.seg.pretrained or "random",
+      "init": seg_stage.init_name(config.seg),
       "predict_seconds": round(t_pred, 1),
       "seconds": round(time.time() - t0, 1),
   }

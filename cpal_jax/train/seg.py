@@ -101,6 +101,11 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def init_name(seg_cfg) -> str:
+  """Where the backbone started, as the summaries record it."""
+  return "cam" if seg_cfg.init_from_cam else (seg_cfg.pretrained or "random")
+
+
 def ckpt_dir(workdir: str) -> str:
   return os.path.join(workdir, "seg", "ckpt")
 
@@ -370,8 +375,9 @@ def cam_backbone(config, workdir: str) -> dict[str, np.ndarray]:
 
 
 def build(config, mesh, num_steps: int, backbone: dict | None = None) -> Setup:
-  """backbone: '/'-joined backbone tensors to start from (cam_backbone), instead of seg.pretrained."""
-  """The model, its jitted step over `mesh` and its state (abstract and fresh)."""
+  """The model, its jitted step over `mesh` and its state (abstract and fresh).
+
+  backbone: '/'-joined backbone tensors to start from (cam_backbone), instead of seg.pretrained."""
   check(config)
   s = config.seg
   model = deeplab.from_config(config)
@@ -487,7 +493,7 @@ def train(config, workdir: str) -> dict:
           "final_loss": res.last.get("loss/total"),
           "images_per_second": res.images_per_second(schedule.global_batch),
           "skipped_steps": res.skipped_steps,
-          "init": "cam" if s.init_from_cam else (s.pretrained or "random"),
+          "init": init_name(s),
           "layout": s.layout,
       }
   }
