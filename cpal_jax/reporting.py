@@ -107,6 +107,8 @@ def format_summary(summary: dict) -> str:
   for k in SUMMARY_KEYS:
     v = summary.get(k)
     lines.append(f"  {k:14s} {'-' if v is None else f'{v:.2f}'}")
+  if summary.get("seg_val_miou_crf") is not None:
+    lines.append(f"  {'  w/ CRF':14s} {summary['seg_val_miou_crf']:.2f}")
   for name, vals in (summary.get("baselines") or {}).items():
     lines.append(f"  baseline {name}: {vals:.2f}")
   th = summary.get("thresholds") or {}
@@ -127,6 +129,8 @@ _MD_ROWS = (
     ("export", "Mask", "mask_miou"),
     ("train_seg", "DeepLab-v2 training", None),
     ("eval_seg", "Segmentation (val)", "seg_val_miou"),
+    # The papers' segmentation figures are MSC + flip + dense CRF (METHOD.md 1.7).
+    ("eval_seg", "Segmentation (val) w/ CRF", "seg_val_miou_crf"),
 )
 
 
@@ -136,11 +140,14 @@ def summary_markdown(summary: dict, figures: dict | None = None) -> str:
   secs = summary.get("stage_seconds") or {}
   th = summary.get("thresholds") or {}
   lines = ["# cpal_jax run", "", "| stage | figure | mIoU (%) | time (s) |", "| --- | --- | --- | --- |"]
+  timed = set()
   for stage, label, key in _MD_ROWS:
-    if stage not in secs and (key is None or summary.get(key) is None):
-      continue
     v = summary.get(key) if key else None
-    lines.append(f"| `{stage}` | {label} | {'-' if v is None else f'{v:.2f}'} | {secs.get(stage, '-')} |")
+    if (stage not in secs or stage in timed) and v is None:
+      continue
+    t = "-" if stage in timed else secs.get(stage, "-")  # a stage with two figures: its time once
+    timed.add(stage)
+    lines.append(f"| `{stage}` | {label} | {'-' if v is None else f'{v:.2f}'} | {t} |")
   used = {k: v for k, v in th.items() if v is not None}
   if used:
     lines += [

@@ -180,3 +180,20 @@ def test_summary_only_workdir_gives_bars(tmp_path):
 def test_empty_workdir_writes_nothing(tmp_path):
   assert report.write_report(report_config(), str(tmp_path)) == {}
   assert not os.path.exists(report.report_dir(str(tmp_path)))
+
+
+def test_summary_rows_show_the_seg_crf_figure_with_the_stage_time_once():
+  summary = {
+      "seed_miou": 48.7,
+      "mask_miou": 55.2,
+      "seg_val_miou": 45.9,
+      "seg_val_miou_crf": 51.8,
+      "stage_seconds": {"eval_cam": 1.5, "export": 6.7, "eval_seg": 36.0},
+  }
+  md = reporting.summary_markdown(summary)
+  assert "| `eval_seg` | Segmentation (val) | 45.90 | 36.0 |" in md
+  assert "| `eval_seg` | Segmentation (val) w/ CRF | 51.80 | - |" in md
+  assert "`refine`" not in md and "`train_seg`" not in md  # stages that did not run
+  assert "    w/ CRF       51.80" in reporting.format_summary(summary)
+  del summary["seg_val_miou_crf"]
+  assert "w/ CRF" not in reporting.summary_markdown(summary) and "w/ CRF" not in reporting.format_summary(summary)
