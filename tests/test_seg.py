@@ -4,6 +4,7 @@ eval fusion on a stand-in model, and train_seg/eval_seg end to end (loss goes do
 bit-identical, a missing pseudo mask is named)."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -538,11 +539,18 @@ def test_evaluate_without_checkpoint_says_train_first(tmp_path):
     seg_eval.evaluate(seg_config(), str(tmp_path))
 
 
-def test_init_from_cam_starts_the_backbone_from_the_cam_checkpoint(tmp_path):
+def test_matching_dilations_keep_a_backbone_trained_at_another_stride():
+  assert deeplab.matching_dilations((2, 2, 2, 2)) == deeplab.DILATIONS  # ImageNet ResNets
+  assert deeplab.matching_dilations((2, 2, 2, 1)) == (1, 1, 2, 2)  # IRN/SIPE CAM nets, OS16
+  assert deeplab.matching_dilations((2, 2, 1, 1)) == (1, 1, 1, 1)  # the synthetic CAM net, OS8
+
+
+def test_init_from_cam_starts_the_backbone_from_the_cam_checkpoint(tmp_path, caplog):
   from cpal_jax.train import cam as cam_stage
 
   workdir = str(tmp_path)
-  config = seg_config(**{"seg.init_from_cam": True})
+  config = seg_config(**{"seg.init_from_cam": True, "seg.dilations": (1, 1, 1, 1)})
+  assert tuple(config.model.strides) == (2, 2, 1, 1)
   with pytest.raises(FileNotFoundError, match="no CAM checkpoint.*run train_cam first"):
     seg.cam_backbone(config, workdir)
   mesh = sharding.make_mesh(1)
@@ -564,6 +572,11 @@ def test_init_from_cam_starts_the_backbone_from_the_cam_checkpoint(tmp_path):
     for k in want:
       np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=f"{col}/{k}")
   assert np.all(np.abs(np.asarray(seg_state.params["aspp"]["c0"]["bias"])) == 0)  # the new head stays new
+  assert not [r for r in caplog.records if r.name == seg.__name__ and r.levelno >= logging.WARNING]
+  # DeepLab's own dilations would give the CAM weights other receptive fields: said, not refused.
+  with caplog.at_level(logging.WARNING, logger=seg.__name__):
+    seg.cam_backbone(seg_config(**{"seg.init_from_cam": True}), workdir)
+  assert "seg.dilations=(1, 1, 1, 1), not (1, 1, 2, 4)" in caplog.text
 
   with pytest.raises(ValueError, match="seg.backbone == model.backbone"):
     seg.cam_backbone(seg_config(**{"seg.init_from_cam": True, "seg.layout": "caffe"}), workdir)

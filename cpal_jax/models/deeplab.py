@@ -3,7 +3,8 @@ trained on the exported pseudo masks.
 
 ASPP is four 3x3 convolutions (dilations 6/12/18/24, with bias) from the last stage straight to the
 class logits, and their outputs are summed: there is no shared 1x1 projection and no image pooling
-(those are DeepLab-v3). Layer3 and layer4 keep their resolution and dilate every block by 2 and 4.
+(those are DeepLab-v3). Layer3 and layer4 keep their resolution and dilate every block by 2 and 4
+(seg.dilations: a backbone trained at output stride 8 without dilation keeps its features with 1s).
 BatchNorm is frozen as in the reference code. seg.compute_dtype=bfloat16 runs the backbone in
 bfloat16 (models/resnet.py); ASPP and the logits stay float32.
 
@@ -40,6 +41,18 @@ OUTPUT_STRIDE = 8
 CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
 
 
+def matching_dilations(strides: Sequence[int]) -> tuple[int, ...]:
+  """The layer1..4 dilations under which this network at output stride 8 computes the features of
+  a backbone trained with `strides` (conv1, layer2, layer3, layer4; the stem max-pool halves; at
+  stride 8 after layer2, as here): each later layer dilates by the stride it had beyond 8, as
+  DeepLab does to ImageNet ResNets."""
+  out, total = [], 2 * strides[0]  # conv1 and the max-pool
+  for layer, stride in enumerate((1, *strides[1:])):
+    total *= stride
+    out.append(max(1, total // OUTPUT_STRIDE) if layer >= 2 else 1)
+  return tuple(out)
+
+
 def check_layout(layout: str) -> None:
   if layout not in LAYOUTS:
     raise ValueError(f"seg.layout={layout!r}: choose one of {LAYOUTS}")
@@ -67,6 +80,7 @@ class DeepLabV2(nn.Module):
   backbone: str = "resnet101"
   layout: str = "caffe"
   rates: Sequence[int] = (6, 12, 18, 24)
+  dilations: Sequence[int] = DILATIONS  # layer1..layer4
   bn_train: bool = False  # batch statistics in training (networks trained from scratch only)
   dtype: Any = jnp.float32  # the backbone's compute dtype; parameters and logits are float32
 
@@ -78,7 +92,7 @@ class DeepLabV2(nn.Module):
     feats = resnet.ResNet(
         self.backbone,
         STRIDES,
-        DILATIONS,
+        tuple(self.dilations),
         stride_on_1x1=caffe,
         ceil_pool=caffe,
         bn_train=self.bn_train,
@@ -95,6 +109,7 @@ def from_config(config) -> DeepLabV2:
       backbone=s.backbone,
       layout=s.layout,
       rates=tuple(s.atrous_rates),
+      dilations=tuple(s.dilations),
       bn_train=s.batch_norm == "train",
       dtype=resnet.compute_dtype(s.get("compute_dtype", "float32"), "seg.compute_dtype"),
   )

@@ -64,6 +64,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_norm = "frozen"  # frozen (the reference) | train (batch statistics, for random init)
   c.compute_dtype = "float32"  # float32 | bfloat16 (backbone convolutions; ASPP and the loss float32)
   c.atrous_rates = (6, 12, 18, 24)
+  # layer1..layer4 dilations at output stride 8: DeepLab dilates layer3/4 by 2/4 because its
+  # ImageNet weights were trained with those layers strided. A backbone trained at stride 8 without
+  # dilation (the CAM net with model.strides=(2, 2, 1, 1)) keeps its features only with 1s here.
+  c.dilations = (1, 1, 2, 4)
   c.crop_size = 321
   c.rescale = (0.5, 0.75, 1.0, 1.25, 1.5)  # random scale per image, one of these
   c.flip = True
@@ -121,6 +125,8 @@ def check(config) -> None:
   loop.check_nonfinite_policy(s.nonfinite, "seg.nonfinite")
   if s.batch_norm not in ("frozen", "train"):
     raise ValueError(f"seg.batch_norm={s.batch_norm!r}: choose frozen or train")
+  if len(s.dilations) != 4 or min(s.dilations) < 1:
+    raise ValueError(f"seg.dilations={tuple(s.dilations)}: four positive ints, layer1..layer4")
   if not s.msc_scales or min(s.msc_scales) <= 0:
     raise ValueError(f"seg.msc_scales={tuple(s.msc_scales)} must be positive scale factors (1.0 first)")
   if not s.rescale or min(s.rescale) <= 0:
@@ -366,6 +372,15 @@ def cam_backbone(config, workdir: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(
         f"seg.init_from_cam: no CAM checkpoint in {directory}; run train_cam first or set seg.init_from_cam=False"
     )
+  want = deeplab.matching_dilations(config.model.strides)
+  if tuple(s.dilations) != want:
+    log.warning(
+        "seg.init_from_cam: the CAM network (model.strides=%s) computes its features as this network "
+        "does with seg.dilations=%s, not %s: its weights start from other receptive fields",
+        tuple(config.model.strides),
+        want,
+        tuple(s.dilations),
+    )
   state = checkpointing.restore_raw_state(directory)
   flat = {}
   for col in ("params", "batch_stats"):
@@ -432,6 +447,7 @@ def fingerprint(config, num_steps: int) -> dict:
       "seg.layout": s.layout,
       "seg.batch_norm": s.batch_norm,
       "seg.atrous_rates": list(s.atrous_rates),
+      "seg.dilations": list(s.dilations),
       "seg.batch_size": s.batch_size,
       "seg.num_steps": num_steps,
       "seed": config.seed,
