@@ -67,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
   # layer1..layer4 dilations at output stride 8: DeepLab dilates layer3/4 by 2/4 because its
   # ImageNet weights were trained with those layers strided. A backbone trained at stride 8 without
   # dilation (the CAM net with model.strides=(2, 2, 1, 1)) keeps its features only with 1s here.
-  c.dilations = (1, 1, 2, 4)
+  c.dilations = deeplab.DILATIONS
   c.crop_size = 321
   c.rescale = (0.5, 0.75, 1.0, 1.25, 1.5)  # random scale per image, one of these
   c.flip = True
