@@ -447,7 +447,8 @@ def fingerprint(config, num_steps: int) -> dict:
       "seg.layout": s.layout,
       "seg.batch_norm": s.batch_norm,
       "seg.atrous_rates": list(s.atrous_rates),
-      "seg.dilations": list(s.dilations),
+      # DeepLab's own dilations record None, so checkpoints written before this key stay resumable.
+      "seg.dilations": None if tuple(s.dilations) == deeplab.DILATIONS else list(s.dilations),
       "seg.batch_size": s.batch_size,
       "seg.num_steps": num_steps,
       "seed": config.seed,
