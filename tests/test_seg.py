@@ -580,3 +580,13 @@ def test_init_from_cam_starts_the_backbone_from_the_cam_checkpoint(tmp_path, cap
 
   with pytest.raises(ValueError, match="seg.backbone == model.backbone"):
     seg.cam_backbone(seg_config(**{"seg.init_from_cam": True, "seg.layout": "caffe"}), workdir)
+
+
+def test_fingerprint_keeps_checkpoints_from_before_seg_dilations_resumable():
+  assert seg.fingerprint(seg_config(), STEPS)["seg.dilations"] is None  # DeepLab's (1, 1, 2, 4)
+  assert seg.fingerprint(seg_config(**{"seg.dilations": (1, 1, 1, 1)}), STEPS)["seg.dilations"] == [
+      1,
+      1,
+      1,
+      1,
+  ]
