@@ -430,6 +430,44 @@ def test_alignment_shift():
     np.testing.assert_array_equal(np.asarray(gi), 0.0)
 
 
+def test_alignment_shift_per_image():
+  """Inference's per-image mu_p: each image's xi is the batch shift of that image alone."""
+  k = 4
+  protos = rand((B, k, D), 15)
+  pvalid = np.array([[1, 0, 1, 0], [1, 0, 0, 1], [0, 0, 1, 0]], bool)
+  bank_mean = rand((6, D), 16)
+  ready = np.array([1, 1, 0, 1, 0, 0], bool)
+  xi = cpal.alignment_shift(*(jnp.asarray(a) for a in (protos, pvalid, bank_mean, ready)), per_image=True)
+  assert xi.shape == (B, k, D)
+  for i in range(B):
+    close(xi[i], np_alignment_shift(protos[i : i + 1], pvalid[i : i + 1], bank_mean, ready))
+  # Class 0 is valid in two images: the batch mean differs from either image's own prototype.
+  batch = np_alignment_shift(protos, pvalid, bank_mean, ready)
+  assert np.abs(np.asarray(xi)[0, 0] - batch[0]).max() > 1e-2
+
+
+@pytest.mark.parametrize("target", ["pixels", "anchor", "both"])
+def test_cpal_maps_image_shift_scope_is_batch_independent(target):
+  """shift_scope="image": an image's maps are the same alone as in a batch; "batch" mixes them."""
+  cfg = make_cfg(fda_target=target)
+  cam, feats, labels, valid = make_inputs(35)
+  labels[:, 0] = 1  # class 0 (ready) in every image, so the batch mean mixes three prototypes
+  st, _ = make_state(36)
+  j = jnp.asarray
+  whole = cpal.cpal_maps(j(cam), j(feats), j(labels), j(valid), st, cfg, shift_scope="image")
+  batch = cpal.cpal_maps(j(cam), j(feats), j(labels), j(valid), st, cfg, shift_scope="batch")
+  for i in range(B):
+    one = cpal.cpal_maps(
+        *(j(a[i : i + 1]) for a in (cam, feats, labels, valid)), st, cfg, shift_scope="image"
+    )
+    close(whole["pacam"][i : i + 1], one["pacam"], rtol=1e-5, atol=1e-6)
+    alone = cpal.cpal_maps(*(j(a[i : i + 1]) for a in (cam, feats, labels, valid)), st, cfg)
+    close(one["pacam"], alone["pacam"], rtol=1e-5, atol=1e-6)  # a batch of one: the two scopes agree
+  assert np.abs(np.asarray(whole["pacam"]) - np.asarray(batch["pacam"])).max() > 1e-3
+  with pytest.raises(ValueError, match="infer_shift"):
+    cpal.cpal_maps(j(cam), j(feats), j(labels), j(valid), st, cfg, shift_scope="view")
+
+
 # ------------------------------------------------------------------ Eq. 13: prototype-aware CAM
 
 

@@ -53,6 +53,40 @@ def test_predict_flip_sum_and_label_mask_on_known_model():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_cpal_maps_do_not_depend_on_the_inference_batch():
+  """PACAM with alignment (Eq. 12) of an image alone equals its maps inside a batch of others (the
+  default method.cpal.infer_shift=image; with "batch" they differ by ~6e-3 here, and
+  tests/test_cpal.py shows the two scopes apart on the maps themselves)."""
+  import jax
+
+  from cpal_jax.parallel import sharding
+  from cpal_jax.train import cam as cam_stage
+
+  config = tiny_config(**{"method.name": "cpal"})
+  setup = cam_stage.build(config, sharding.make_mesh(1), 64)
+  state = setup.init_state()
+  k = jax.random.split(jax.random.key(3), 2)
+  extra = state.extra.replace(  # a clustered, ready bank, as after the first epoch
+      centers=jax.random.normal(k[0], state.extra.centers.shape),
+      center_valid=jnp.ones_like(state.extra.center_valid),
+      bank_mean=jax.random.normal(k[1], state.extra.bank_mean.shape),
+      ready=jnp.ones_like(state.extra.ready),
+  )
+  predict = infer_cam.make_predict(setup.model, config)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  rng = np.random.default_rng(0)
+  eye = np.eye(config.data.num_classes - 1, dtype=np.float32)
+  batch = {
+      "image": rng.integers(0, 255, (3, 32, 32, 3)).astype(np.uint8),
+      "valid": np.ones((3, 32, 32), np.uint8),
+      "label": eye[[0, 0, 4]] + eye[[1, 1, 1]],  # classes 1 and 2 shared, so batch means mix images
+  }
+  together = np.asarray(predict(variables, extra, batch))[:1]
+  alone = np.asarray(predict(variables, extra, {k: v[:1] for k, v in batch.items()}))
+  assert np.abs(alone).max() > 0.5  # PACAM channels present, not all zero
+  np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
 def test_fusion_sums_scales_at_image_size_then_normalises():
   a = np.full((2, 3, 4), 0.5, np.float32)
   b = np.full((2, 6, 8), 1.5, np.float32)

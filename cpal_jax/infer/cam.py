@@ -65,7 +65,9 @@ def make_predict(model, config):
       return sipe.sipe_maps(cam, hie, hie, mask, mask_cam=False)["is_cam"] * mask
     if with_bg:  # cpal with seed_map pacam | fused
       feats = cam_net.projected_features(config, out)
-      r = cpal.cpal_maps(cam, feats, labels, valid_lo, extra, m.cpal, bg_feature=hie)
+      r = cpal.cpal_maps(
+          cam, feats, labels, valid_lo, extra, m.cpal, bg_feature=hie, shift_scope=m.cpal.infer_shift
+      )
       if m.cpal.seed_map == "pacam":
         return r["pacam"]
       return sipe.max_normalize(r["norm_cam"] + m.cpal.fused_lambda * r["pacam"])

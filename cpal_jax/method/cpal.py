@@ -55,6 +55,10 @@ def default_config() -> ml_collections.ConfigDict:
   p.fda = True  # Eqs. 8-12 feature distribution alignment
   p.fda_target = "pixels"  # pixels | anchor | both
   p.gamma = 1.0
+  # [I] mu_p of Eq. 12 at inference (make_cam): "image" = each view's own instance prototype, so a
+  # map does not depend on which images share the inference batch; "batch" = the mean over the
+  # inference batch (both flips of every image in it), as in training.
+  p.infer_shift = "image"
   # Background PACAM channel (METHOD.md 3.8): sipe_bg (SIPE's image-specific background prototype)
   # | one_minus_max (1 - max_n PACAM_n) | bank_bg ([I] a background bank as class 0, stored as the
   # bank row after the C-1 foreground rows: the per-image prototype of the valid pixels outside every
@@ -200,11 +204,17 @@ def uniform_weights(sel_valid):
   return v / jnp.maximum(v.sum(-1, keepdims=True), 1.0)
 
 
-def alignment_shift(protos, proto_valid, bank_mean, ready):
+def alignment_shift(protos, proto_valid, bank_mean, ready, per_image: bool = False):
   """Eq. 12: xi_n = mu_c^n - mu_p^n (batch mean of the class-n instance prototypes). [K, D].
 
-  Zero for classes absent from the batch or without a bank; no gradient.
+  per_image: mu_p^n is each image's own prototype p_b^n instead, giving [B, K, D] (inference, where
+  the batch is an arbitrary grouping of images). Zero for classes absent from the batch (image) or
+  without a bank; no gradient.
   """
+  k = protos.shape[1]
+  if per_image:
+    ok = proto_valid & ready[None, :k]
+    return jax.lax.stop_gradient((bank_mean[None, :k] - protos) * ok[..., None])
   v = proto_valid.astype(protos.dtype)
   n = v.sum(0)  # [K]
   mu_p = jnp.einsum("bk,bkd->kd", v, protos) / jnp.maximum(n, 1.0)[:, None]
@@ -273,7 +283,9 @@ def snclr_loss(protos, valid, centers, center_valid, idx, weights, temperature: 
   return jnp.sum(ce * okf) / jnp.maximum(okf.sum(), 1.0)
 
 
-def cpal_maps(cam, feats, labels, valid, state: CPALState, cfg, bg_feature=None) -> dict[str, Any]:
+def cpal_maps(
+    cam, feats, labels, valid, state: CPALState, cfg, bg_feature=None, shift_scope: str = "batch"
+) -> dict[str, Any]:
   """The CPAL branch of one forward pass.
 
   cam: raw [B, h, w, C-1]; feats: projected features f [B, h, w, D]; labels [B, C-1]; valid
@@ -287,7 +299,11 @@ def cpal_maps(cam, feats, labels, valid, state: CPALState, cfg, bg_feature=None)
   bank_bg runs the background through Eqs. 6-13 as one more class: its instance prototype
   (background_prototype), top-K of its context prototypes, positiveness, its own shift xi_0 and
   the Eq. 13 map, max-normalised; the state needs the background row (init_state(background=True)).
+
+  shift_scope: "batch" (training) or "image" (per-image mu_p in Eq. 12; cfg.infer_shift at inference).
   """
+  if shift_scope not in ("batch", "image"):
+    raise ValueError(f"method.cpal.infer_shift={shift_scope!r}: choose image or batch")
   if cfg.bg_mode not in ("sipe_bg", "one_minus_max", "bank_bg"):
     raise ValueError(f"method.cpal.bg_mode={cfg.bg_mode!r}: choose sipe_bg, one_minus_max or bank_bg")
   mask = sipe.label_mask(valid, labels)
@@ -310,7 +326,7 @@ def cpal_maps(cam, feats, labels, valid, state: CPALState, cfg, bg_feature=None)
   ready = state.ready[:k]
 
   xi = (
-      alignment_shift(protos, proto_valid, state.bank_mean, state.ready)
+      alignment_shift(protos, proto_valid, state.bank_mean, state.ready, shift_scope == "image")
       if cfg.fda
       else jnp.zeros((k, feats.shape[-1]))
   )
@@ -318,7 +334,7 @@ def cpal_maps(cam, feats, labels, valid, state: CPALState, cfg, bg_feature=None)
   # through positiveness_grad); neighbour selection itself is discrete and detached.
   anchor = protos
   if cfg.fda and cfg.fda_target in ("anchor", "both"):
-    anchor = anchor + cfg.gamma * xi[None]
+    anchor = anchor + cfg.gamma * (xi if xi.ndim == 3 else xi[None])
   pixel_shift = xi if (cfg.fda and cfg.fda_target in ("pixels", "both")) else jnp.zeros_like(xi)
   if cfg.fda and cfg.fda_target not in ("pixels", "anchor", "both"):
     raise ValueError(f"method.cpal.fda_target={cfg.fda_target!r}: choose pixels, anchor or both")
