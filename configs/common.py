@@ -95,6 +95,11 @@ def base() -> ml_collections.ConfigDict:
   c.cam.split = ""  # empty: data.train_split
   c.cam.scales = (1.0, 0.5, 1.5, 2.0)
   c.cam.batch_size = 8  # images per step (each runs with its flip)
+  # How an image and its flip combine: "maps" = each view's seed map, flipped back and summed (SIPE's
+  # and IRN's inference); "features" = [I] the network outputs (CAM, features) of the two views
+  # averaged, then one map read from them (x2, the sum's scale): CPAL's prototypes and Eq. 12 shift
+  # then come from both views at once.
+  c.cam.flip_fusion = "maps"
   c.cam.pad_multiple = 64  # inputs padded per bucket so sizes compile once per bucket
   c.cam.write_npy = False  # also write IRN/SIPE's <id>.npy dict layout for PyTorch tools
 

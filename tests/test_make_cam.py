@@ -53,6 +53,39 @@ def test_predict_flip_sum_and_label_mask_on_known_model():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+class _RampModel(_PoolModel):
+  """The pooled red channel times a left-to-right ramp from -1 to 1: the flipped view's CAM, flipped
+  back, is the negative of the image's."""
+
+  def apply(self, variables, x):
+    out = super().apply(variables, x)
+    ramp = jnp.linspace(-1.0, 1.0, out["cam"].shape[2])[None, None, :, None]
+    return {**out, "cam": out["cam"] * ramp}
+
+
+@pytest.mark.parametrize("model_cls", [_PoolModel, _RampModel])
+def test_flip_fusion_of_maps_or_of_features(model_cls):
+  """cam.flip_fusion=maps sums the two views' ReLU maps; =features reads one map of the averaged
+  outputs, x2. They agree on a flip-equivariant network and not otherwise (the ramp cancels)."""
+  rng = np.random.default_rng(2)
+  batch = {
+      "image": rng.integers(0, 255, (2, 16, 24, 3)).astype(np.uint8),
+      "valid": np.ones((2, 16, 24), np.uint8),
+      "label": np.array([[1, 0, 1], [1, 1, 0]], np.float32),
+  }
+  out = {}
+  for fusion in ("maps", "features"):
+    config = tiny_config(**{"method.name": "cam", "cam.flip_fusion": fusion})
+    out[fusion] = np.asarray(infer_cam.make_predict(model_cls(), config)({}, None, batch))
+  assert np.abs(out["maps"]).max() > 0.1
+  if model_cls is _PoolModel:
+    np.testing.assert_allclose(out["features"], out["maps"], rtol=1e-5, atol=1e-6)
+  else:
+    np.testing.assert_allclose(out["features"], 0.0, atol=1e-6)
+  with pytest.raises(ValueError, match="flip_fusion"):
+    infer_cam.make_predict(model_cls(), tiny_config(**{"method.name": "cam", "cam.flip_fusion": "both"}))
+
+
 def test_cpal_maps_do_not_depend_on_the_inference_batch():
   """PACAM with alignment (Eq. 12) of an image alone equals its maps inside a batch of others (the
   default method.cpal.infer_shift=image; with "batch" they differ by ~6e-3 here, and

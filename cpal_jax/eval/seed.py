@@ -103,7 +103,8 @@ def evaluate(config, workdir: str) -> dict:
   result["eval_cam"] = {
       "images": len(source),
       "split": config.data.eval_split,
-      "protocol": f"scales {list(config.cam.scales)} + flip",
+      "protocol": f"scales {list(config.cam.scales)} + flip"
+      + ("" if config.cam.flip_fusion == "maps" else f" ({config.cam.flip_fusion} fused)"),
       "seconds": round(time.time() - t0, 1),
   }
   return result

@@ -51,7 +51,8 @@ def map_path(workdir: str, image_id: str) -> str:
 
 
 def make_predict(model, config):
-  """Jitted (variables, extra, batch) -> seed maps [B, h, w, K] at feature resolution, flip-summed.
+  """Jitted (variables, extra, batch) -> seed maps [B, h, w, K] at feature resolution, flip-summed
+  (cam.flip_fusion: the two views' maps, or one map of their averaged outputs, doubled).
 
   K = C with background first, or the C-1 foreground channels; absent classes and padded cells are 0.
   """
@@ -73,6 +74,10 @@ def make_predict(model, config):
       return sipe.max_normalize(r["norm_cam"] + m.cpal.fused_lambda * r["pacam"])
     return jax.nn.relu(cam) * labels[:, None, None, :] * valid_lo[..., None]
 
+  if config.cam.flip_fusion not in ("maps", "features"):
+    raise ValueError(f"cam.flip_fusion={config.cam.flip_fusion!r}: choose maps or features")
+  read_features = config.cam.flip_fusion == "features"
+
   def predict(variables, extra, batch):
     b = batch["image"].shape[0]
     images = state_lib.normalize_images(batch["image"], batch["valid"])
@@ -80,12 +85,18 @@ def make_predict(model, config):
     out = model.apply(variables, both)
     h, w = out["cam"].shape[1:3]
     valid = batch["valid"].astype(jnp.float32)[..., None]
-    valid = jnp.concatenate([valid, valid[:, :, ::-1]], axis=0)
-    valid_lo = image_ops.resize_nearest(valid, (h, w))[..., 0]
     labels = batch["label"].astype(jnp.float32)
-    maps = maps_of(out, jnp.concatenate([labels, labels], axis=0), valid_lo, extra)
+    if read_features:
+      out = {k: (v[:b] + v[b:, :, ::-1]) / 2 for k, v in out.items() if v.ndim == 4}
+    else:
+      valid = jnp.concatenate([valid, valid[:, :, ::-1]], axis=0)
+      labels = jnp.concatenate([labels, labels], axis=0)
+    valid_lo = image_ops.resize_nearest(valid, (h, w))[..., 0]
+    maps = maps_of(out, labels, valid_lo, extra)
     if with_bg:
       maps = sipe.max_normalize(maps)  # per view and scale, as SIPE's forward
+    if read_features:
+      return 2 * maps
     return maps[:b] + maps[b:, :, ::-1]
 
   return jax.jit(predict)
