@@ -457,11 +457,10 @@ def test_cpal_maps_image_shift_scope_is_batch_independent(target):
   whole = cpal.cpal_maps(j(cam), j(feats), j(labels), j(valid), st, cfg, shift_scope="image")
   batch = cpal.cpal_maps(j(cam), j(feats), j(labels), j(valid), st, cfg, shift_scope="batch")
   for i in range(B):
-    one = cpal.cpal_maps(
-        *(j(a[i : i + 1]) for a in (cam, feats, labels, valid)), st, cfg, shift_scope="image"
-    )
+    image = [j(a[i : i + 1]) for a in (cam, feats, labels, valid)]
+    one = cpal.cpal_maps(*image, st, cfg, shift_scope="image")
     close(whole["pacam"][i : i + 1], one["pacam"], rtol=1e-5, atol=1e-6)
-    alone = cpal.cpal_maps(*(j(a[i : i + 1]) for a in (cam, feats, labels, valid)), st, cfg)
+    alone = cpal.cpal_maps(*image, st, cfg)
     close(one["pacam"], alone["pacam"], rtol=1e-5, atol=1e-6)  # a batch of one: the two scopes agree
   assert np.abs(np.asarray(whole["pacam"]) - np.asarray(batch["pacam"])).max() > 1e-3
   with pytest.raises(ValueError, match="infer_shift"):

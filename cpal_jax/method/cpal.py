@@ -218,7 +218,7 @@ def alignment_shift(protos, proto_valid, bank_mean, ready, per_image: bool = Fal
   v = proto_valid.astype(protos.dtype)
   n = v.sum(0)  # [K]
   mu_p = jnp.einsum("bk,bkd->kd", v, protos) / jnp.maximum(n, 1.0)[:, None]
-  xi = (bank_mean[: protos.shape[1]] - mu_p) * ((n > 0) & ready[: protos.shape[1]])[:, None]
+  xi = (bank_mean[:k] - mu_p) * ((n > 0) & ready[:k])[:, None]
   return jax.lax.stop_gradient(xi)
 
 
