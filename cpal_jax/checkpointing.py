@@ -61,15 +61,19 @@ def restore_raw_state(directory: str) -> dict:
     ckpt.close()
 
 
-def has_checkpoint(directory: str) -> bool:
-  """Whether a finished checkpoint exists (without creating the folder)."""
+def latest_step(directory: str) -> int | None:
+  """The newest finished checkpoint's step, or None (without creating the folder)."""
   if not os.path.isdir(directory):
-    return False
+    return None
   ckpt = Checkpointer(directory, async_save=False)
   try:
-    return ckpt.latest_step() is not None
+    return ckpt.latest_step()
   finally:
     ckpt.close()
+
+
+def has_checkpoint(directory: str) -> bool:
+  return latest_step(directory) is not None
 
 
 def check_compatible(saved: dict, current: dict, directory: str) -> None:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpal_jax import image_ops, reporting
+from cpal_jax import image_ops, provenance, reporting
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.models import deeplab
@@ -111,35 +111,14 @@ class _Subset:
 
 def protocol(config, step: int) -> dict:
   ev = config.seg.eval
-  return json.loads(
-      json.dumps(
-          {
-              "checkpoint_step": step,
-              "split": config.data.val_split,
-              "scales": list(ev.scales),
-              "flip": bool(ev.flip),
-              "pad_multiple": ev.pad_multiple,
-              "crf_params": ev.crf_params.to_dict(),
-          }
-      )
-  )
-
-
-def _check_protocol(workdir: str, current: dict) -> None:
-  path = protocol_path(workdir)
-  made = any(os.path.isdir(d) and os.listdir(d) for d in (pred_dir(workdir), crf_pred_dir(workdir)))
-  if os.path.exists(path) and made:
-    with open(path) as f:
-      saved = json.load(f)
-    if saved != current:
-      diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-      raise ValueError(
-          f"the predictions in {pred_dir(workdir)} were made with another checkpoint or protocol "
-          f"({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in diff.items())}); delete "
-          f"{pred_dir(workdir)}, {crf_pred_dir(workdir)} and {path} to predict again"
-      )
-  elif jax.process_index() == 0:  # no prediction yet: this run's protocol is the record
-    reporting.atomic_write_text(path, json.dumps(current, indent=2) + "\n")
+  return {
+      "checkpoint_step": step,
+      "split": config.data.val_split,
+      "scales": list(ev.scales),
+      "flip": bool(ev.flip),
+      "pad_multiple": ev.pad_multiple,
+      "crf_params": ev.crf_params.to_dict(),
+  }
 
 
 def _predict(config, workdir: str, source, todo: list[int], out_dirs: list[str]) -> None:
@@ -222,7 +201,14 @@ def evaluate(config, workdir: str) -> dict:
         "(--config.stages=train_seg,eval_seg)"
     )
   proto = protocol(config, step)
-  _check_protocol(workdir, proto)
+  made = any(os.path.isdir(d) and os.listdir(d) for d in (pred_dir(workdir), crf_pred_dir(workdir)))
+  provenance.check_or_record(
+      protocol_path(workdir),
+      proto,
+      made,
+      f"the predictions in {pred_dir(workdir)}",
+      f"delete {pred_dir(workdir)}, {crf_pred_dir(workdir)} and {protocol_path(workdir)} to predict again",
+  )
   out_dirs = [pred_dir(workdir)] + ([crf_pred_dir(workdir)] if ev.crf else [])
   for d in out_dirs:
     os.makedirs(d, exist_ok=True)

@@ -534,9 +534,4 @@ def load_model(config, workdir: str, mesh):
 
 
 def latest_step(workdir: str) -> int | None:
-  if not os.path.isdir(ckpt_dir(workdir)):
-    return None
-  ckpt = checkpointing.Checkpointer(ckpt_dir(workdir), async_save=False)
-  step = ckpt.latest_step()
-  ckpt.close()
-  return step
+  return checkpointing.latest_step(ckpt_dir(workdir))

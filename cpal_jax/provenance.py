@@ -1,0 +1,45 @@
+"""How a stage's per-image outputs were made, kept beside them.
+
+Stages that write one file per image skip the files that exist, so that an interrupted run resumes.
+A record of the checkpoint step and inference protocol keeps a later run with another one (a new
+checkpoint, other scales, another read of the maps) from silently mixing old and new files: it is
+refused with the differing keys and what to delete, and nothing written is touched.
+"""
+
+import json
+import os
+
+import jax
+
+from cpal_jax import reporting
+
+
+def flat(prefix: str, tree) -> dict:
+  """{prefix.key.sub: leaf} of a nested dict or ConfigDict, leaves as JSON would read them back."""
+  tree = tree.to_dict() if hasattr(tree, "to_dict") else tree
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}.{k}" if prefix else k
+    if isinstance(v, dict):
+      out.update(flat(name, v))
+    else:
+      out[name] = v
+  return json.loads(json.dumps(out))
+
+
+def check_or_record(path: str, current: dict, outputs_exist: bool, outputs: str, fix: str) -> None:
+  """Refuses when outputs exist and `path` records another protocol; else records `current`.
+
+  Outputs without a record (a workdir from before the record existed) cannot be checked: the
+  current protocol becomes their record.
+  """
+  current = json.loads(json.dumps(current))
+  if outputs_exist and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != current:
+      keys = [k for k in {**saved, **current} if saved.get(k) != current.get(k)]
+      diff = ", ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in keys)
+      raise ValueError(f"{outputs} were made with another checkpoint or protocol ({diff}); {fix}")
+  elif jax.process_index() == 0:
+    reporting.atomic_write_text(path, json.dumps(current, indent=2) + "\n")
