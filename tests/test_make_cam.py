@@ -202,6 +202,49 @@ def test_eval_cam_names_a_corrupt_file_and_the_fix(sipe_run, tmp_path):
     seed_eval.evaluate(config, copy)
 
 
+def test_another_read_of_existing_maps_is_refused_and_keeps_them(sipe_run, tmp_path):
+  config, workdir, _ = sipe_run
+  import json
+  import shutil
+
+  copy = str(tmp_path / "w")
+  shutil.copytree(workdir, copy)
+  with open(infer_cam.protocol_path(copy)) as f:
+    record = json.load(f)
+  assert record["scales"] == [1.0, 0.5, 1.5] and record["checkpoint_step"] == 2
+  assert record["method.name"] == "sipe" and "batch_size" not in record
+  before = {
+      f: os.stat(os.path.join(infer_cam.maps_dir(copy), f)).st_mtime_ns
+      for f in os.listdir(infer_cam.maps_dir(copy))
+  }
+  for key, value in (("cam.scales", (1.0,)), ("cam.flip_fusion", "features"), ("method.cpal.tau", 0.3)):
+    other = tiny_config(
+        **{"train.num_steps": 2, "cam.scales": (1.0, 0.5, 1.5), "cam.write_npy": True, key: value}
+    )
+    name = key.split(".", 1)[1] if key.startswith("cam.") else key
+    with pytest.raises(ValueError, match=rf"{name}: .* then, .* now.*delete .*maps"):
+      infer_cam.run(other, copy)
+  after = {
+      f: os.stat(os.path.join(infer_cam.maps_dir(copy), f)).st_mtime_ns
+      for f in os.listdir(infer_cam.maps_dir(copy))
+  }
+  assert after == before
+  # Once the maps are gone, the new read is recorded and made.
+  shutil.rmtree(infer_cam.maps_dir(copy))
+  os.makedirs(infer_cam.maps_dir(copy))
+  other = tiny_config(**{"train.num_steps": 2, "cam.scales": (1.0,)})
+  assert infer_cam.run(other, copy)["make_cam"]["written"] == len(before) // 2
+  with open(infer_cam.protocol_path(copy)) as f:
+    assert json.load(f)["scales"] == [1.0]
+
+
+def test_cpal_batch_shift_records_the_batch_size():
+  base = tiny_config(**{"method.name": "cpal"})
+  assert "batch_size" not in infer_cam.protocol(base, 1)
+  batch = tiny_config(**{"method.name": "cpal", "method.cpal.infer_shift": "batch", "cam.batch_size": 3})
+  assert infer_cam.protocol(batch, 1)["batch_size"] == 3
+
+
 @pytest.mark.slow
 def test_plain_cam_maps_have_no_background_and_are_swept(tmp_path):
   config = tiny_config(**{"method.name": "cam", "train.num_steps": 2, "cam.scales": (1.0,)})

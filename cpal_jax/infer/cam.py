@@ -12,7 +12,9 @@ per-scale normalisation, as IRN.
 
 Inputs are padded (bottom/right) to a multiple of cam.pad_multiple, so the jitted predictor compiles
 once per size bucket instead of once per image; the maps are cropped back to the valid cells. Files
-are written atomically and existing ones are skipped, so an interrupted run resumes where it stopped.
+are written atomically and existing ones are skipped, so an interrupted run resumes where it stopped;
+`cam/maps_protocol.json` records the checkpoint step and read (scales, flip fusion, method flags) the
+files were made with, and a run with another one is refused rather than mixing maps.
 Each process labels its own share of the images with its local devices.
 """
 
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cpal_jax import diskspace, faults, image_ops, reporting
+from cpal_jax import checkpointing, diskspace, faults, image_ops, provenance, reporting
 from cpal_jax.data import pipeline
 from cpal_jax.method import cpal, sipe
 from cpal_jax.models import cam_net
@@ -48,6 +50,24 @@ def maps_dir(workdir: str) -> str:
 
 def map_path(workdir: str, image_id: str) -> str:
   return os.path.join(maps_dir(workdir), f"{image_id}.npz")
+
+
+def protocol_path(workdir: str) -> str:
+  return os.path.join(workdir, "cam", "maps_protocol.json")
+
+
+def protocol(config, step: int) -> dict:
+  """What a map depends on besides its image: the checkpoint and the read."""
+  record = {
+      "checkpoint_step": step,
+      "scales": list(config.cam.scales),
+      "flip_fusion": config.cam.flip_fusion,
+      "pad_multiple": config.cam.pad_multiple,
+      **provenance.flat("method", config.method),
+  }
+  if has_background(config) and config.method.name == "cpal" and config.method.cpal.infer_shift == "batch":
+    record["batch_size"] = config.cam.batch_size  # the Eq. 12 shift is a mean over the batch
+  return record
 
 
 def make_predict(model, config):
@@ -186,6 +206,17 @@ def run(config, workdir: str) -> dict:
   ids = source.ids()
   mine = list(range(jax.process_index(), len(source), jax.process_count()))
   os.makedirs(maps_dir(workdir), exist_ok=True)
+  step = checkpointing.latest_step(cam_stage.ckpt_dir(workdir))
+  if step is not None:  # without one, load_params below names the missing stage
+    made = any(f.endswith(".npz") for f in os.listdir(maps_dir(workdir)))
+    provenance.check_or_record(
+        protocol_path(workdir),
+        protocol(config, step),
+        made,
+        f"the CAM files in {maps_dir(workdir)}",
+        f"delete {maps_dir(workdir)} and {protocol_path(workdir)} to make them again (and the refine/ and "
+        "masks/ made from them), or give this read its own --config.workdir",
+    )
   todo = [i for i in mine if not os.path.exists(map_path(workdir, ids[i]))]
   summary = {"make_cam": {"split": split, "images": len(source), "scales": list(config.cam.scales)}}
   if not todo:
