@@ -54,7 +54,7 @@ def test_output_stride_8(layout, size, cells):
 def _convs(layout: str) -> list:
   """(rhs_dilation, window_strides, kernel spatial shape) of every convolution in the forward."""
   model = deeplab.DeepLabV2(5, "resnet_small", layout)
-  x = jnp.zeros((1, 64, 64, 3))
+  x = jnp.zeros((1, 200, 200, 3))  # 25x25 maps: every ASPP rate keeps its 3x3 taps
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x)
   return [
@@ -105,6 +105,35 @@ def test_aspp_is_the_sum_of_four_dilated_branches():
       for dx in (-r, 0, r):
         expected[c + dy, c + dx] += i + 1
   np.testing.assert_allclose(out, expected)
+
+
+@pytest.mark.parametrize("size", [(12, 12), (12, 30), (30, 12), (30, 30)])
+def test_atrous_conv_drops_only_the_taps_in_the_padding(size):
+  rate = 12
+  x = jax.random.normal(jax.random.key(1), (2, *size, 6))
+  conv = deeplab.AtrousConv(4, rate)
+  params = conv.init(jax.random.key(0), x)["params"]
+  params = {"kernel": jax.random.normal(jax.random.key(2), (3, 3, 6, 4)), "bias": jnp.arange(4.0)}
+
+  def full(p, x):  # the whole 3x3 kernel over the zero-padded input
+    pad = ((rate, rate), (rate, rate))
+    y = jax.lax.conv_general_dilated(
+        x, p["kernel"], (1, 1), pad, rhs_dilation=(rate, rate), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return y + p["bias"]
+
+  def ours(p, x):
+    return conv.apply({"params": p}, x)
+
+  np.testing.assert_allclose(ours(params, x), full(params, x), rtol=1e-5, atol=1e-5)
+  g_ours, g_full = (jax.grad(lambda p, f=f: jnp.sum(jnp.sin(f(p, x))))(params) for f in (ours, full))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_full)
+  kernels = [
+      e.invars[1].aval.shape[:2]
+      for e in jax.make_jaxpr(ours)(params, x).jaxpr.eqns
+      if e.primitive.name == "conv_general_dilated"
+  ]
+  assert kernels == [(1 if size[0] <= rate else 3, 1 if size[1] <= rate else 3)]
 
 
 # ------------------------------------------------------------------------- layouts vs PyTorch
