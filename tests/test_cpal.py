@@ -36,8 +36,9 @@ def np_cos(a, c):
   return float(a @ c) / max(np.linalg.norm(a) * np.linalg.norm(c), 1e-8)
 
 
-def np_instance_prototypes(norm_fg, feats, labels, tau, mode="thresh"):
-  """Eq. 4 per (image, class): mean of f over the pixels with A_n > tau (and argmax == n)."""
+def np_instance_prototypes(norm_fg, feats, labels, tau, mode="thresh", seeds_fg=None):
+  """Eq. 4 per (image, class): mean of f over the pixels with A_n > tau (and argmax == n), or over
+  SIPE's structure seed of class n (mode sipe_seed)."""
   b, h, w, k = norm_fg.shape
   protos, valid = np.zeros((b, k, feats.shape[-1])), np.zeros((b, k), bool)
   for i in range(b):
@@ -48,6 +49,8 @@ def np_instance_prototypes(norm_fg, feats, labels, tau, mode="thresh"):
           on = norm_fg[i, y, x, n] > tau
           if mode == "thresh_and_argmax":
             on = on and int(np.argmax(norm_fg[i, y, x])) == n
+          elif mode == "sipe_seed":
+            on = seeds_fg[i, y, x, n] > 0
           if on:
             acc += f64(feats[i, y, x])
             area += 1
@@ -146,7 +149,12 @@ def np_cpal_maps(cam, feats, labels, valid, st, cfg, bg_feature=None, frozen=Non
   k = labels.shape[1]
   mask = np_label_mask(valid, labels)
   norm_cam = np_norm_cam_with_background(cam) * mask
-  protos, pvalid = np_instance_prototypes(norm_cam[..., 1:], feats, labels, cfg.tau, cfg.mask_mode)
+  seed_feat = feats if bg_feature is None else bg_feature
+  if "seeds" in frozen:
+    seeds = frozen["seeds"]
+  else:
+    seeds = f64(sipe.structure_seeds(*(jnp.asarray(a, jnp.float32) for a in (norm_cam, seed_feat, mask))))
+  protos, pvalid = np_instance_prototypes(norm_cam[..., 1:], feats, labels, cfg.tau, cfg.mask_mode, seeds[..., 1:])
   ready = st["ready"][:k]
 
   xi = np.zeros((k, feats.shape[-1]))
@@ -154,7 +162,7 @@ def np_cpal_maps(cam, feats, labels, valid, st, cfg, bg_feature=None, frozen=Non
     xi = frozen["xi"] if "xi" in frozen else np_alignment_shift(protos, pvalid, st["bank_mean"], st["ready"])
   shift_anchor = cfg.fda and cfg.fda_target in ("anchor", "both")
   anchor = protos + cfg.gamma * xi[None] if shift_anchor else protos
-  pix_shift = xi if cfg.fda and cfg.fda_target in ("pixels", "both") else np.zeros_like(xi)
+  pix_shift = xi if cfg.fda and cfg.fda_target in ("pixels", "both", "region") else np.zeros_like(xi)
 
   internals = {"xi": xi}
   if not cfg.neighbours:
@@ -182,16 +190,27 @@ def np_cpal_maps(cam, feats, labels, valid, st, cfg, bg_feature=None, frozen=Non
       wts = np.concatenate([wts * (1 - w0), np.full((b, k, 1), w0)], axis=-1)
   wts = wts * pvalid[..., None]
   usable = np.array([[(ready[n] or not cfg.neighbours) and pvalid[i, n] for n in range(k)] for i in range(b)])
-  fg = np_prototype_cam(feats, selected, wts, pix_shift, cfg.gamma) * usable[:, None, None, :]
+  fg = np_prototype_cam(feats, selected, wts, pix_shift, cfg.gamma)
+  if cfg.fda and cfg.fda_target == "region":  # the shift only inside class n's Eq. 4 mask
+    b_, h_, w_, k_ = norm_cam[..., 1:].shape
+    unshifted = np_prototype_cam(feats, selected, wts, np.zeros_like(pix_shift), cfg.gamma)
+    for i in range(b_):
+      for y in range(h_):
+        for x in range(w_):
+          for n in range(k_):
+            if cfg.mask_mode == "sipe_seed":
+              inside = seeds[i, y, x, n + 1] > 0
+            else:
+              inside = norm_cam[i, y, x, n + 1] > cfg.tau
+              if cfg.mask_mode == "thresh_and_argmax":
+                inside = inside and int(np.argmax(norm_cam[i, y, x, 1:])) == n
+            if not inside:
+              fg[i, y, x, n] = unshifted[i, y, x, n]
+  fg = fg * usable[:, None, None, :]
   fg = np_max_normalize(fg * mask[..., 1:])
+  internals["seeds"] = seeds
 
   if cfg.bg_mode == "sipe_bg":
-    seed_feat = feats if bg_feature is None else bg_feature
-    if "seeds" in frozen:
-      seeds = frozen["seeds"]
-    else:
-      seeds = f64(sipe.structure_seeds(*(jnp.asarray(a, jnp.float32) for a in (norm_cam, seed_feat, mask))))
-    internals["seeds"] = seeds
     bg = np.zeros((b, h, w, 1))
     for i in range(b):
       p_bg = sum(seeds[i, y, x, 0] * feats[i, y, x] for y in range(h) for x in range(w)) / (h * w)
@@ -558,6 +577,10 @@ MAP_CASES = {
     "all_clusters": {"top_k": 0},
     "top_k_over_kc": {"top_k": 20},
     "argmax_mask": {"mask_mode": "thresh_and_argmax", "tau": 0.2},
+    "sipe_seed_mask": {"mask_mode": "sipe_seed"},
+    "sipe_seed_no_neighbours": {"mask_mode": "sipe_seed", "neighbours": False, "fda": False},
+    "fda_region": {"fda_target": "region"},
+    "fda_region_seed_mask": {"fda_target": "region", "mask_mode": "sipe_seed"},
 }
 
 
@@ -576,6 +599,20 @@ def test_cpal_maps(case):
   assert want["loss_mask"][:, 1:].sum() >= 2
   assert (want["proto_valid"] & ~want["loss_mask"][:, 1:]).any() == cfg.neighbours
   assert np.abs(want["pacam"][..., 1:]).max() > 0.5
+
+
+def test_seed_mask_without_neighbours_or_shift_is_sipes_is_cam():
+  """mask_mode=sipe_seed with no neighbours and no shift: each class's prototype is SIPE's (the
+  mean of f over its structure seed), so the foreground PACAM is SIPE's IS-CAM, max-normalised."""
+  cfg = make_cfg(mask_mode="sipe_seed", neighbours=False, fda=False)
+  cam, feats, labels, valid = make_inputs(35)
+  st, _ = make_state()
+  got = run_maps(cam, feats, labels, valid, st, cfg, bg_feature=feats)
+  j = jnp.asarray
+  mask = sipe.label_mask(j(valid), j(labels))
+  ref = sipe.sipe_maps(j(cam), j(feats), j(feats), mask)
+  want = sipe.max_normalize(ref["is_cam"] * mask)
+  close(got["pacam"], want, rtol=1e-4, atol=1e-5)
 
 
 def test_cpal_maps_separate_bg_feature():

@@ -22,6 +22,7 @@ from cpal_jax.method import kmeans as kmeans_lib
 from cpal_jax.method import sipe
 
 NEG_INF = -1e30
+FDA_TARGETS = ("pixels", "region", "anchor", "both")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -31,7 +32,10 @@ def default_config() -> ml_collections.ConfigDict:
   p.proj_head = "sipe_hie"  # sipe_hie (F_hie, 768-d for ResNet-50) | conv256 (1x1 conv + ReLU on x4)
   p.proj_dim = 256  # conv256 only
   p.tau = 0.1  # Eq. 4 reliability threshold on the max-normalised CAM
-  p.mask_mode = "thresh"  # thresh | thresh_and_argmax
+  # Eq. 4's mask M^n: thresh = [A_n > tau]; thresh_and_argmax = that and argmax_c A_c = n;
+  # sipe_seed = SIPE's structure-aware seed of class n (the base network's own reliable region,
+  # no threshold; without neighbours PACAM is then SIPE's IS-CAM).
+  p.mask_mode = "thresh"  # thresh | thresh_and_argmax | sipe_seed
   p.capacity = 1000  # Eq. 5 bank length per class
   p.num_clusters = 50  # K_c context prototypes per class
   p.kmeans_iters = 30
@@ -53,12 +57,18 @@ def default_config() -> ml_collections.ConfigDict:
   p.tau_w = 1.0
   p.positiveness_grad = False
   p.fda = True  # Eqs. 8-12 feature distribution alignment
-  p.fda_target = "pixels"  # pixels | anchor | both
+  # Where Eq. 12's xi_n is added: pixels = every pixel of the image; region = only the pixels of
+  # class n's Eq. 4 mask (the instance the shift was computed from); anchor = the instance prototype
+  # before top-K and positiveness (Eq. 9 literally); both = pixels and anchor.
+  p.fda_target = "pixels"  # pixels | region | anchor | both
   p.gamma = 1.0
   # [I] mu_p of Eq. 12 at inference (make_cam): "image" = each view's own instance prototype, so a
   # map does not depend on which images share the inference batch; "batch" = the mean over the
   # inference batch (both flips of every image in it), as in training.
   p.infer_shift = "image"
+  # [I] make_cam first rebuilds the banks, centres and mu_c from one pass of the final weights over
+  # the training split (infer/cam.refresh_bank) instead of reading the last epoch's.
+  p.refresh_bank = False
   # Background PACAM channel (METHOD.md 3.8): sipe_bg (SIPE's image-specific background prototype)
   # | one_minus_max (1 - max_n PACAM_n) | bank_bg ([I] a background bank as class 0, stored as the
   # bank row after the C-1 foreground rows: the per-image prototype of the valid pixels outside every
@@ -126,18 +136,31 @@ def recluster(state: CPALState, key: jax.Array, cfg) -> CPALState:
   return state.replace(centers=centers, center_valid=usable, bank_mean=bank_lib.mean(state.bank), ready=ready)
 
 
-def instance_prototypes(norm_cam_fg, feats, labels, tau: float, mask_mode: str = "thresh"):
-  """Eq. 4: p^n = sum_i M^n(i) f(i) / sum_i M^n(i), M^n = [A_n > tau] for present classes.
+MASK_MODES = ("thresh", "thresh_and_argmax", "sipe_seed")
+
+
+def prototype_mask(norm_cam_fg, tau: float, mask_mode: str = "thresh", seeds_fg=None):
+  """Eq. 4's M^n [B, h, w, K] (float 0/1). seeds_fg: SIPE's structure seeds of the foreground
+  classes [B, h, w, K] (sipe.structure_seeds(...)[..., 1:]), used by mask_mode=sipe_seed."""
+  if mask_mode == "sipe_seed":
+    if seeds_fg is None:
+      raise ValueError("method.cpal.mask_mode=sipe_seed needs the structure seeds (seeds_fg)")
+    return jax.lax.stop_gradient(seeds_fg).astype(norm_cam_fg.dtype)
+  m = (norm_cam_fg > tau).astype(norm_cam_fg.dtype)
+  if mask_mode == "thresh_and_argmax":
+    m = m * jax.nn.one_hot(jnp.argmax(norm_cam_fg, axis=-1), norm_cam_fg.shape[-1], dtype=m.dtype)
+  elif mask_mode != "thresh":
+    raise ValueError(f"method.cpal.mask_mode={mask_mode!r}: choose one of {', '.join(MASK_MODES)}")
+  return m
+
+
+def instance_prototypes(norm_cam_fg, feats, labels, tau: float, mask_mode: str = "thresh", seeds_fg=None):
+  """Eq. 4: p^n = sum_i M^n(i) f(i) / sum_i M^n(i), M^n from prototype_mask, for present classes.
 
   norm_cam_fg: max-normalised, label- and valid-masked [B, h, w, K]; feats [B, h, w, D].
   Returns (protos [B, K, D], valid [B, K]); an empty mask gives an invalid zero prototype.
   """
-  m = (norm_cam_fg > tau).astype(feats.dtype)
-  if mask_mode == "thresh_and_argmax":
-    top = jax.nn.one_hot(jnp.argmax(norm_cam_fg, axis=-1), norm_cam_fg.shape[-1], dtype=feats.dtype)
-    m = m * top
-  elif mask_mode != "thresh":
-    raise ValueError(f"method.cpal.mask_mode={mask_mode!r}: choose thresh or thresh_and_argmax")
+  m = prototype_mask(norm_cam_fg, tau, mask_mode, seeds_fg).astype(feats.dtype)
   area = m.sum(axis=(1, 2))  # [B, K]
   protos = jnp.einsum("bhwk,bhwd->bkd", m, feats) / jnp.maximum(area, 1.0)[..., None]
   valid = (labels > 0) & (area > 0)
@@ -283,6 +306,33 @@ def snclr_loss(protos, valid, centers, center_valid, idx, weights, temperature: 
   return jnp.sum(ce * okf) / jnp.maximum(okf.sum(), 1.0)
 
 
+def bank_entries(cam, feats, labels, valid, cfg, bg_feature=None):
+  """Eq. 4 for one forward pass: (label mask [B, h, w, C], masked norm_cam [B, h, w, C], SIPE's
+  structure seeds or None, protos, proto_valid), the prototypes lined up with the bank rows
+  (bank_bg: the background prototype last). Arguments as cpal_maps."""
+  mask = sipe.label_mask(valid, labels)
+  norm_cam = sipe.norm_cam_with_background(cam) * mask
+  seeds = None  # SIPE's structure seeds: Eq. 4's mask (sipe_seed) and sipe_bg's background
+  if cfg.mask_mode == "sipe_seed" or cfg.bg_mode == "sipe_bg":
+    seeds = sipe.structure_seeds(norm_cam, feats if bg_feature is None else bg_feature, mask)
+  protos, proto_valid = instance_prototypes(
+      norm_cam[..., 1:], feats, labels, cfg.tau, cfg.mask_mode, None if seeds is None else seeds[..., 1:]
+  )
+  if cfg.bg_mode == "bank_bg":
+    bg_proto, bg_valid = background_prototype(norm_cam, feats, valid, cfg.tau)
+    protos = jnp.concatenate([protos, bg_proto], axis=1)
+    proto_valid = jnp.concatenate([proto_valid, bg_valid], axis=1)
+  return mask, norm_cam, seeds, protos, proto_valid
+
+
+def empty_bank(state: CPALState) -> CPALState:
+  """The state with every bank emptied (same shapes and shardings), for a refresh pass."""
+  bank = state.bank
+  return state.replace(
+      bank=bank.replace(feats=jnp.zeros_like(bank.feats), ptr=jnp.zeros_like(bank.ptr), count=jnp.zeros_like(bank.count))
+  )
+
+
 def cpal_maps(
     cam, feats, labels, valid, state: CPALState, cfg, bg_feature=None, shift_scope: str = "batch"
 ) -> dict[str, Any]:
@@ -306,9 +356,8 @@ def cpal_maps(
     raise ValueError(f"method.cpal.infer_shift={shift_scope!r}: choose image or batch")
   if cfg.bg_mode not in ("sipe_bg", "one_minus_max", "bank_bg"):
     raise ValueError(f"method.cpal.bg_mode={cfg.bg_mode!r}: choose sipe_bg, one_minus_max or bank_bg")
-  mask = sipe.label_mask(valid, labels)
-  norm_cam = sipe.norm_cam_with_background(cam) * mask
-  protos, proto_valid = instance_prototypes(norm_cam[..., 1:], feats, labels, cfg.tau, cfg.mask_mode)
+  mask, norm_cam, seeds, protos, proto_valid = bank_entries(cam, feats, labels, valid, cfg, bg_feature)
+  seeds_fg = seeds[..., 1:] if seeds is not None else None
   bank_bg = cfg.bg_mode == "bank_bg"
   row_mask = mask[..., 1:]  # the map channels of the rows Eqs. 6-13 run on
   if bank_bg:
@@ -318,9 +367,6 @@ def cpal_maps(
           f"method.cpal.bg_mode=bank_bg needs {rows} bank rows (the background after the "
           f"{rows - 1} classes), the state has {state.ready.shape[0]}: init_state(..., background=True)"
       )
-    bg_proto, bg_valid = background_prototype(norm_cam, feats, valid, cfg.tau)
-    protos = jnp.concatenate([protos, bg_proto], axis=1)
-    proto_valid = jnp.concatenate([proto_valid, bg_valid], axis=1)
     row_mask = jnp.concatenate([row_mask, mask[..., :1]], axis=-1)
   k = protos.shape[1]
   ready = state.ready[:k]
@@ -335,9 +381,15 @@ def cpal_maps(
   anchor = protos
   if cfg.fda and cfg.fda_target in ("anchor", "both"):
     anchor = anchor + cfg.gamma * (xi if xi.ndim == 3 else xi[None])
-  pixel_shift = xi if (cfg.fda and cfg.fda_target in ("pixels", "both")) else jnp.zeros_like(xi)
-  if cfg.fda and cfg.fda_target not in ("pixels", "anchor", "both"):
-    raise ValueError(f"method.cpal.fda_target={cfg.fda_target!r}: choose pixels, anchor or both")
+  pixel_shift = xi if (cfg.fda and cfg.fda_target in ("pixels", "both", "region")) else jnp.zeros_like(xi)
+  if cfg.fda and cfg.fda_target not in FDA_TARGETS:
+    raise ValueError(f"method.cpal.fda_target={cfg.fda_target!r}: choose one of {', '.join(FDA_TARGETS)}")
+  # region: the shifted read inside class n's Eq. 4 mask, the unshifted one elsewhere.
+  region = None
+  if cfg.fda and cfg.fda_target == "region":
+    region = prototype_mask(norm_cam[..., 1:], cfg.tau, cfg.mask_mode, seeds_fg)
+    if bank_bg:
+      region = jnp.concatenate([region, (jnp.max(norm_cam[..., 1:], -1, keepdims=True) <= cfg.tau)], -1)
 
   out = {}
   own = anchor[:, :, None]  # the instance prototype as one more "neighbour"
@@ -364,15 +416,16 @@ def cpal_maps(
       w = jnp.concatenate([w * (1 - w0), jnp.full(own.shape[:3], w0)], axis=-1)
   w = w * proto_valid[..., None]
   usable = (ready[None] | (not cfg.neighbours)) & proto_valid
-  fg = prototype_cam(feats, selected, w, pixel_shift, cfg.gamma) * usable[:, None, None, :]
+  fg = prototype_cam(feats, selected, w, pixel_shift, cfg.gamma)
+  if region is not None:
+    fg = jnp.where(region > 0, fg, prototype_cam(feats, selected, w, jnp.zeros_like(pixel_shift), cfg.gamma))
+  fg = fg * usable[:, None, None, :]
   fg = sipe.max_normalize(fg * row_mask)
 
   if bank_bg:
     fg, bg = fg[..., :-1], fg[..., -1:]
     usable, bg_usable = usable[:, :-1], usable[:, -1:]
   elif cfg.bg_mode == "sipe_bg":
-    seed_feat = feats if bg_feature is None else bg_feature
-    seeds = sipe.structure_seeds(norm_cam, seed_feat, mask)
     bg_proto = sipe.class_prototypes(seeds[..., :1], feats)  # [B, 1, D]
     bg = sipe.max_normalize(sipe.cosine_cam(feats, bg_proto)) * mask[..., :1]
   else:
