@@ -43,6 +43,7 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "resnet50"  # resnet50 | resnet101 | resnet_small | resnet_tiny
   c.model.strides = (2, 2, 2, 1)  # conv1, layer2, layer3, layer4: output stride 16
+  c.model.dilations = (1, 1, 1, 1)  # layer1..layer4 (IRN/SIPE: none; layer4 unstrided at OS16)
   c.model.detach_after = 2  # SIPE/IRN stop gradients after layer2; -1 trains the whole backbone
   c.model.side_dims = ()  # empty: SIPE's (128, 128, 256, 256) scaled with the backbone width
   # frozen: running statistics only (the papers, with ImageNet weights); train: batch statistics
@@ -84,7 +85,6 @@ def base() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16
-  c.eval.flip = True  # sum the maps of the image and its flip, as SIPE's inference does
   c.eval.pad_multiple = 64  # eval images are padded up to a multiple of this to bound recompiles
   c.eval.threshold_max = 0.59  # background sweep t in 0.00..threshold_max for maps without bg
   c.eval.cam_threshold = 0.15  # IRN's fixed cam_eval_thres, reported beside the sweep
@@ -100,6 +100,10 @@ def base() -> ml_collections.ConfigDict:
   # averaged, then one map read from them (x2, the sum's scale): CPAL's prototypes and Eq. 12 shift
   # then come from both views at once.
   c.cam.flip_fusion = "maps"
+  # Maps with a background channel (IS-CAM, PACAM): per_scale = each view and scale max-normalised
+  # before the scales are summed; once = summed as the network returns them (SIPE's IS-CAM is
+  # unnormalised) and normalised once after the sum, as SIPE's make_cam.
+  c.cam.scale_norm = "per_scale"
   c.cam.pad_multiple = 64  # inputs padded per bucket so sizes compile once per bucket
   c.cam.write_npy = False  # also write IRN/SIPE's <id>.npy dict layout for PyTorch tools
 

@@ -257,3 +257,85 @@ def test_plain_cam_maps_have_no_background_and_are_swept(tmp_path):
   m = infer_cam.load_maps(infer_cam.map_path(str(tmp_path), el["id"]))
   np.testing.assert_array_equal(m["keys"], np.flatnonzero(el["label"]) + 1)
   assert summary["thresholds"]["seed"] is not None and len(summary["seed_sweep"]) == 60
+
+
+def test_bank_refresh_rebuilds_banks_and_centres_from_the_final_weights():
+  """refresh_bank: the banks hold Eq. 4's prototypes of every training image in order (computed
+  here image by image, in numpy, from the network's outputs), the oldest dropped past capacity, and
+  the centres and mu_c are k-means of those banks."""
+  import jax
+
+  from cpal_jax.data import pipeline
+  from cpal_jax.method import bank as bank_lib
+  from cpal_jax.method import cpal
+  from cpal_jax.parallel import sharding
+  from cpal_jax.train import cam as cam_stage
+  from cpal_jax.train import state as state_lib
+  from test_train import cpal_config
+
+  config = cpal_config(**{"data.num_train": 24, "method.cpal.capacity": 6, "method.cpal.tau": 0.3})
+  mesh = sharding.make_mesh(1)
+  setup = cam_stage.build(config, mesh, config.data.num_train)
+  state = setup.init_state()
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  got = infer_cam.refresh_bank(config, setup.model, variables, state.extra, mesh)
+
+  source = pipeline.make_source(config, config.data.train_split)
+  k, tau = config.data.num_classes - 1, config.method.cpal.tau
+  banks = [[] for _ in range(k)]
+  for i in range(len(source)):
+    el = source[i]
+    x = state_lib.normalize_images(jnp.asarray(el["image"][None]), jnp.ones((1, 64, 64)))
+    out = jax.tree.map(np.asarray, setup.model.apply(variables, x))
+    cam, feats = np.maximum(out["cam"][0], 0), out["hie"][0]
+    norm = cam / (cam.reshape(-1, k).max(0) + 1e-5)
+    for n in np.flatnonzero(el["label"]):
+      m = norm[..., n] > tau
+      if m.any():
+        banks[n].append(feats[m].mean(0))
+  cap = config.method.cpal.capacity
+  count = np.asarray(got.bank.count)[:k]
+  np.testing.assert_array_equal(count, [min(len(b), cap) for b in banks])
+  assert count.min() > 0 and max(len(b) for b in banks) > cap  # the FIFO wrapped somewhere
+  for n in range(k):
+    kept = np.stack(banks[n][-cap:])
+    stored = np.asarray(got.bank.feats)[n, : count[n]]
+    # Ring order: sorting the rows makes the comparison independent of the write pointer.
+    np.testing.assert_allclose(np.sort(stored, 0), np.sort(kept, 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.bank_mean)[n], kept.mean(0), rtol=1e-4, atol=1e-5)
+  want = cpal.recluster(got.replace(ready=jnp.zeros_like(got.ready)), jax.random.key(config.seed + 3), config.method.cpal)
+  np.testing.assert_allclose(np.asarray(got.centers), np.asarray(want.centers), rtol=1e-5, atol=1e-6)
+  assert np.asarray(got.ready)[:k].all()
+  assert bank_lib.mean(got.bank).shape == got.bank_mean.shape
+
+
+@pytest.mark.parametrize("scale_norm", ["per_scale", "once"])
+def test_sipe_read_with_fused_features_and_scale_norm(scale_norm):
+  """SIPE's inference: the network outputs of an image and its flip fused before the seeds,
+  prototypes and IS-CAM are computed once; scale_norm=once returns that IS-CAM unnormalised (the
+  scales are summed and normalised once, later), per_scale max-normalises each scale's map."""
+  import jax
+
+  from cpal_jax.method import sipe
+  from cpal_jax.models import cam_net
+  from cpal_jax.train import state as state_lib
+
+  config = tiny_config(**{"method.name": "sipe", "cam.flip_fusion": "features", "cam.scale_norm": scale_norm})
+  model = cam_net.from_config(config)
+  rng = np.random.default_rng(3)
+  batch = {
+      "image": rng.integers(0, 256, (2, 64, 64, 3)).astype(np.uint8),
+      "valid": np.ones((2, 64, 64), np.uint8),
+      "label": np.array([[1, 0, 1, 0, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0, 0, 0, 0]], np.float32),
+  }
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  got = np.asarray(infer_cam.make_predict(model, config)(variables, {}, batch))
+
+  x = state_lib.normalize_images(jnp.asarray(batch["image"]), jnp.asarray(batch["valid"]))
+  a, b = model.apply(variables, x), model.apply(variables, x[:, :, ::-1])
+  fused = {k: (a[k] + b[k][:, :, ::-1]) / 2 for k in ("cam", "hie")}
+  mask = sipe.label_mask(jnp.ones(fused["cam"].shape[:3]), jnp.asarray(batch["label"]))
+  is_cam = sipe.sipe_maps(fused["cam"], fused["hie"], fused["hie"], mask, mask_cam=False)["is_cam"] * mask
+  want = 2 * (sipe.max_normalize(is_cam) if scale_norm == "per_scale" else is_cam)
+  np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
+  assert (got.max() > 2.0 - 1e-3) == (scale_norm == "per_scale")

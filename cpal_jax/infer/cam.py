@@ -62,6 +62,8 @@ def protocol(config, step: int) -> dict:
       "checkpoint_step": step,
       "scales": list(config.cam.scales),
       "flip_fusion": config.cam.flip_fusion,
+      # None for the earlier per-scale read keeps records written before this key valid.
+      "scale_norm": None if config.cam.get("scale_norm", "per_scale") == "per_scale" else config.cam.scale_norm,
       "pad_multiple": config.cam.pad_multiple,
       **provenance.flat("method", config.method),
   }
@@ -97,6 +99,10 @@ def make_predict(model, config):
   if config.cam.flip_fusion not in ("maps", "features"):
     raise ValueError(f"cam.flip_fusion={config.cam.flip_fusion!r}: choose maps or features")
   read_features = config.cam.flip_fusion == "features"
+  scale_norm = config.cam.get("scale_norm", "per_scale")
+  if scale_norm not in ("per_scale", "once"):
+    raise ValueError(f"cam.scale_norm={scale_norm!r}: choose per_scale or once")
+  per_scale_norm = scale_norm == "per_scale"
 
   def predict(variables, extra, batch):
     b = batch["image"].shape[0]
@@ -113,13 +119,47 @@ def make_predict(model, config):
       labels = jnp.concatenate([labels, labels], axis=0)
     valid_lo = image_ops.resize_nearest(valid, (h, w))[..., 0]
     maps = maps_of(out, labels, valid_lo, extra)
-    if with_bg:
-      maps = sipe.max_normalize(maps)  # per view and scale, as SIPE's forward
+    if with_bg and per_scale_norm:
+      maps = sipe.max_normalize(maps)  # per view and scale
     if read_features:
       return 2 * maps
     return maps[:b] + maps[b:, :, ::-1]
 
   return jax.jit(predict)
+
+
+def refresh_bank(config, model, variables, extra, mesh):
+  """[I] The bank as the final weights see it (method.cpal.refresh_bank): training leaves centres
+  and mu_c from the start of the last epoch, built from prototypes of weights that kept moving. One
+  pass over the whole training split (each image whole at scale 1, running BatchNorm statistics,
+  Eq. 4 as in training, the push gate included) refills the emptied banks in the split's order
+  (FIFO: a class keeps its last `capacity` entries), then k-means and mu_c run as at an epoch start.
+  Every process makes the same pass, so all of them read with the same centres."""
+  p = config.method.cpal
+  source = pipeline.make_source(config, config.data.train_split)
+
+  def entries(variables, batch):
+    images = state_lib.normalize_images(batch["image"], batch["valid"])
+    out = model.apply(variables, images)
+    valid = image_ops.resize_nearest(batch["valid"].astype(jnp.float32)[..., None], out["cam"].shape[1:3])[..., 0]
+    feats = cam_net.projected_features(config, out)
+    *_, protos, proto_valid = cpal.bank_entries(out["cam"], feats, batch["label"], valid, p, bg_feature=out["x4"])
+    keep = batch["keep"][:, None]
+    return protos, cpal.push_gate(proto_valid, out["score"], p.push_min_prob) & keep
+
+  entries = jax.jit(entries)
+  push = jax.jit(lambda st, pr, ok: cpal.push_prototypes(st, pr, ok))
+  state = cpal.empty_bank(extra)
+  n_dev = mesh.shape[sharding.DATA]
+  batch_size = -(-config.cam.batch_size // n_dev) * n_dev
+  batch_sharding = sharding.batch_sharded(mesh)
+  for _, batch in pipeline.eval_batches(source, batch_size, config.cam.pad_multiple):
+    batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items() if k != "size"}
+    state = push(state, *entries(variables, batch))
+  state = jax.jit(lambda st, key: cpal.recluster(st, key, p))(state, jax.random.key(config.seed + 3))
+  fill = jax.device_get(state.bank.count)[: config.data.num_classes - 1]
+  log.info("make_cam: bank refreshed from %d training images (entries per class %d..%d)", len(source), fill.min(), fill.max())
+  return state
 
 
 def rescale(image: np.ndarray, scale: float) -> np.ndarray:
@@ -225,6 +265,8 @@ def run(config, workdir: str) -> dict:
 
   mesh = sharding.local_mesh(config.mesh.data)
   model, variables, extra, step = cam_stage.load_params(config, workdir, mesh)
+  if config.method.name == "cpal" and config.method.cpal.refresh_bank:
+    extra = refresh_bank(config, model, variables, extra, mesh)
   predict = make_predict(model, config)
   with_bg = has_background(config)
   n_dev = mesh.shape[sharding.DATA]
