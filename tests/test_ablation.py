@@ -25,8 +25,11 @@ def test_table1_rows_differ_as_the_paper_adds_components():
   rows = {rid: o for rid, _, _, o in ablation.TABLES["1"]}
   assert rows["II"]["method.cpal.top_k"] == 0 and not rows["II"]["method.cpal.positiveness"]
   assert "method.cpal.top_k" not in rows["III"] and not rows["III"]["method.cpal.fda"]
-  assert rows["IV"] == {"method.name": "cpal", "method.cpal.self_loss": False}
+  assert rows["IV"] == {"method.name": "cpal", "method.cpal.self_loss": False, "method.cpal.keep_sipe_gsc": True}
   assert rows["V"] == {"method.name": "cpal"}
+  # Without L_self, SIPE's L_GSC trains the side heads of rows II-IV, as in the base network.
+  for rid in ("II", "III", "IV"):
+    assert rows[rid]["method.cpal.keep_sipe_gsc"] and not rows[rid]["method.cpal.self_loss"], rid
 
 
 def test_table4_sets_the_regularisers_side_by_side():
