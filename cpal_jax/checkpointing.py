@@ -96,6 +96,10 @@ def fingerprint(config, extra: dict | None = None) -> dict:
       "model.strides": list(config.model.strides),
       "model.side_dims": list(config.model.side_dims),
       "model.batch_norm": config.model.batch_norm,
+      # None for the default keeps checkpoints written before this key resumable.
+      "model.dilations": None
+      if tuple(config.model.get("dilations", (1, 1, 1, 1))) == (1, 1, 1, 1)
+      else list(config.model.dilations),
       "method.name": config.method.name,
       "train.batch_size": config.train.batch_size,
       "seed": config.seed,

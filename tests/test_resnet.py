@@ -90,3 +90,25 @@ def test_cam_net_outputs_and_side_dims():
 def test_unknown_backbone_is_a_clear_error():
   with pytest.raises(ValueError, match="model.backbone"):
     _shapes("resnet7", 64)
+
+
+def test_cam_net_dilations_keep_the_parameters_and_dilate_the_stages():
+  """model.dilations: a backbone pretrained with layer3/4 strided keeps its receptive fields at
+  output stride 8 when they are dilated; the parameters (what pretrained weights fill) are the
+  same, and a resumed run with other dilations is refused (checkpoint fingerprint)."""
+  import synthetic as synthetic_config
+
+  from cpal_jax import checkpointing
+
+  c = synthetic_config.get_config()
+  x = jnp.zeros((1, 64, 64, 3))
+  plain = cam_net.from_config(c)
+  with c.unlocked():
+    c.model.dilations = (1, 1, 2, 4)
+  dilated = cam_net.from_config(c)
+  shapes = lambda m: jax.tree.map(lambda a: a.shape, jax.eval_shape(m.init, jax.random.key(0), x))
+  assert shapes(plain) == shapes(dilated)
+  jaxpr = str(jax.make_jaxpr(lambda v: dilated.apply(v, x))(dilated.init(jax.random.key(0), x)))
+  assert "rhs_dilation=(4, 4)" in jaxpr and "rhs_dilation=(2, 2)" in jaxpr
+  assert checkpointing.fingerprint(c)["model.dilations"] == [1, 1, 2, 4]
+  assert checkpointing.fingerprint(synthetic_config.get_config())["model.dilations"] is None

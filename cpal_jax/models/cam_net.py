@@ -27,6 +27,9 @@ class CAMNet(nn.Module):
   num_classes: int  # background included; the classifier has num_classes - 1 outputs
   backbone: str = "resnet50"
   strides: Sequence[int] = (2, 2, 2, 1)
+  # layer1..layer4: a backbone pretrained with a stage strided (ImageNet, ProcNet at output stride
+  # 32) keeps its receptive fields at a smaller output stride only if that stage is dilated.
+  dilations: Sequence[int] = (1, 1, 1, 1)
   detach_after: int = 2
   side_dims: Sequence[int] = (128, 128, 256, 256)
   proj_dim: int = 0  # >0: a 1x1 conv + ReLU projection of x4 (CPAL's conv256 head, PPC's fc_proj)
@@ -39,6 +42,7 @@ class CAMNet(nn.Module):
     backbone = resnet.ResNet(
         self.backbone,
         self.strides,
+        dilations=self.dilations,
         detach_after=self.detach_after,
         bn_train=self.bn_train,
         dtype=self.dtype,
@@ -99,6 +103,7 @@ def from_config(config) -> CAMNet:
       num_classes=config.data.num_classes,
       backbone=m.backbone,
       strides=tuple(m.strides),
+      dilations=tuple(m.get("dilations", (1, 1, 1, 1))),
       detach_after=m.detach_after,
       side_dims=side_dims,
       bn_train=m.batch_norm == "train",
