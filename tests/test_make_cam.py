@@ -339,3 +339,28 @@ def test_sipe_read_with_fused_features_and_scale_norm(scale_norm):
   want = 2 * (sipe.max_normalize(is_cam) if scale_norm == "per_scale" else is_cam)
   np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
   assert (got.max() > 2.0 - 1e-3) == (scale_norm == "per_scale")
+
+
+def test_exact_size_read_is_padding_free(sipe_run, tmp_path):
+  """cam.pad_multiple=0 reads each image alone at its exact size: the same maps as a padding that
+  happens to be exact (64 px images at scales 1/0.5/1.5 with multiple 16), and not those of a
+  padding that adds cells (multiple 64 pads the 32 and 96 px scales)."""
+  import shutil
+
+  config, workdir, _ = sipe_run
+
+  def read(multiple):
+    run_dir = tmp_path / f"pad{multiple}"
+    shutil.copytree(os.path.join(workdir, "cam", "ckpt"), run_dir / "cam" / "ckpt")
+    cfg = tiny_config(**{"train.num_steps": 2, "cam.scales": (1.0, 0.5, 1.5), "cam.pad_multiple": multiple})
+    cfg.data.num_train = 10
+    cfg.stages = "make_cam"
+    cli.run(cfg, str(run_dir))
+    return {f: infer_cam.load_maps(str(run_dir / "cam" / "maps" / f))["high_res"]
+            for f in sorted(os.listdir(run_dir / "cam" / "maps"))}
+
+  exact, sixteen, sixty_four = read(0), read(16), read(64)
+  assert exact.keys() == sixteen.keys() and len(exact) == 10
+  for f in exact:
+    np.testing.assert_allclose(exact[f], sixteen[f], atol=2e-3)  # float16 files
+  assert max(np.abs(exact[f] - sixty_four[f]).max() for f in exact) > 1e-2

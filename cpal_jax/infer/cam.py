@@ -11,7 +11,10 @@ plain CAM (cam, ppc, and cpal with seed_map=cam) is ReLU(classifier) without bac
 per-scale normalisation, as IRN.
 
 Inputs are padded (bottom/right) to a multiple of cam.pad_multiple, so the jitted predictor compiles
-once per size bucket instead of once per image; the maps are cropped back to the valid cells. Files
+once per size bucket instead of once per image; the maps are cropped back to the valid cells. The
+padding is part of what the convolutions see near the bottom/right border, so it changes the maps
+a little there; cam.pad_multiple=0 reads every image (and its flip) alone at its exact size, as
+SIPE's and IRN's inference do (one compile per distinct size and scale). Files
 are written atomically and existing ones are skipped, so an interrupted run resumes where it stopped;
 `cam/maps_protocol.json` records the checkpoint step and read (scales, flip fusion, method flags) the
 files were made with, and a run with another one is refused rather than mixing maps.
@@ -153,7 +156,7 @@ def refresh_bank(config, model, variables, extra, mesh):
   n_dev = mesh.shape[sharding.DATA]
   batch_size = -(-config.cam.batch_size // n_dev) * n_dev
   batch_sharding = sharding.batch_sharded(mesh)
-  for _, batch in pipeline.eval_batches(source, batch_size, config.cam.pad_multiple):
+  for _, batch in pipeline.eval_batches(source, batch_size, config.cam.pad_multiple or 1):
     batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items() if k != "size"}
     state = push(state, *entries(variables, batch))
   state = jax.jit(lambda st, key: cpal.recluster(st, key, p))(state, jax.random.key(config.seed + 3))
@@ -270,17 +273,22 @@ def run(config, workdir: str) -> dict:
   predict = make_predict(model, config)
   with_bg = has_background(config)
   n_dev = mesh.shape[sharding.DATA]
-  batch_size = -(-config.cam.batch_size // n_dev) * n_dev
+  exact = config.cam.pad_multiple == 0
+  if config.cam.pad_multiple < 0:
+    raise ValueError(f"cam.pad_multiple={config.cam.pad_multiple}: a positive multiple, or 0 for exact sizes")
+  # Exact sizes: one image per step (the rest of the device batch are copies of it, dropped).
+  batch_size = n_dev if exact else -(-config.cam.batch_size // n_dev) * n_dev
+  per_step = 1 if exact else batch_size
   batch_sharding = sharding.batch_sharded(mesh)
 
   bar = reporting.progress(len(mine), "make_cam", initial=len(mine) - len(todo))
-  for start in range(0, len(todo), batch_size):
-    chunk = [source[i] for i in todo[start : start + batch_size]]
+  for start in range(0, len(todo), per_step):
+    chunk = [source[i] for i in todo[start : start + per_step]]
     labels = np.stack([el["label"] for el in chunk]).astype(np.float32)
     per_scale: list[list[np.ndarray]] = [[] for _ in chunk]
     for s in config.cam.scales:
       scaled = [rescale(el["image"], s) for el in chunk]
-      batch = padded_batch(scaled, labels, config.cam.pad_multiple, batch_size)
+      batch = padded_batch(scaled, labels, config.cam.pad_multiple or 1, batch_size)
       batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
       maps = np.asarray(jax.device_get(predict(variables, extra, batch)))  # [B, hf, wf, K]
       stride = batch["image"].shape[1] // maps.shape[1]
