@@ -55,7 +55,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.compute_dtype = "float32"
 
   c.method = ml_collections.ConfigDict()
-  c.method.name = "sipe"  # cam | sipe | cpal | ppc
+  c.method.name = "cpal"  # cam | sipe | cpal | ppc
   c.method.cls_weight = 1.0  # alpha of Eq. 1
   c.method.gsc_weight = 1.0  # SIPE's L_GSC (sipe; cpal only with cpal.keep_sipe_gsc)
   c.method.cpal = cpal.default_config()
@@ -95,15 +95,16 @@ def base() -> ml_collections.ConfigDict:
   c.cam.split = ""  # empty: data.train_split
   c.cam.scales = (1.0, 0.5, 1.5, 2.0)
   c.cam.batch_size = 8  # images per step (each runs with its flip)
-  # How an image and its flip combine: "maps" = each view's seed map, flipped back and summed (SIPE's
-  # and IRN's inference); "features" = [I] the network outputs (CAM, features) of the two views
-  # averaged, then one map read from them (x2, the sum's scale): CPAL's prototypes and Eq. 12 shift
-  # then come from both views at once.
-  c.cam.flip_fusion = "maps"
-  # Maps with a background channel (IS-CAM, PACAM): per_scale = each view and scale max-normalised
-  # before the scales are summed; once = summed as the network returns them (SIPE's IS-CAM is
-  # unnormalised) and normalised once after the sum, as SIPE's make_cam.
-  c.cam.scale_norm = "per_scale"
+  # How an image and its flip combine: "features" = their network outputs (CAM, features) fused
+  # before one map is read from them, as SIPE's inference (network/resnet50_SIPE.py, class CAM:
+  # `cam = cam[0] + cam[1].flip(-1)`, the same for hie_fea, then seeds, prototypes, IS-CAM once);
+  # CPAL's prototypes and Eq. 12 shift then come from both views at once. "maps" = each view's
+  # map, flipped back and summed (IRN's plain-CAM inference).
+  c.cam.flip_fusion = "features"
+  # Maps with a background channel (IS-CAM, PACAM): once = each scale's map summed as the network
+  # returns it (SIPE's IS-CAM is unnormalised) and max-normalised once after the sum, as SIPE's
+  # make_cam.py; per_scale = each scale's map max-normalised before the sum.
+  c.cam.scale_norm = "once"
   c.cam.pad_multiple = 64  # inputs padded per bucket so sizes compile once per bucket
   c.cam.write_npy = False  # also write IRN/SIPE's <id>.npy dict layout for PyTorch tools
 

@@ -930,7 +930,10 @@ def np_bank_bg_maps(cam, feats, labels, valid, st, cfg):
   """cpal_maps with bg_mode=bank_bg: the background prototype runs through Eqs. 6-13 as row K."""
   mask = np_label_mask(valid, labels)
   norm_cam = np_norm_cam_with_background(f64(cam)) * mask
-  protos, pvalid = np_instance_prototypes(norm_cam[..., 1:], feats, labels, cfg.tau, cfg.mask_mode)
+  seeds = None
+  if cfg.mask_mode == "sipe_seed":  # seeded from f itself (these tests pass no bg_feature)
+    seeds = f64(sipe.structure_seeds(*(jnp.asarray(a, jnp.float32) for a in (norm_cam, feats, mask))))[..., 1:]
+  protos, pvalid = np_instance_prototypes(norm_cam[..., 1:], feats, labels, cfg.tau, cfg.mask_mode, seeds)
   bg, bg_ok = np_background_prototype(norm_cam, feats, valid, cfg.tau)
   protos, pvalid = np.concatenate([protos, bg], 1), np.concatenate([pvalid, bg_ok], 1)
   row_mask = np.concatenate([mask[..., 1:], mask[..., :1]], -1)

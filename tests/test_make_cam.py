@@ -219,7 +219,7 @@ def test_another_read_of_existing_maps_is_refused_and_keeps_them(sipe_run, tmp_p
       f: os.stat(os.path.join(infer_cam.maps_dir(copy), f)).st_mtime_ns
       for f in os.listdir(infer_cam.maps_dir(copy))
   }
-  for key, value in (("cam.scales", (1.0,)), ("cam.flip_fusion", "features"), ("method.cpal.tau", 0.3)):
+  for key, value in (("cam.scales", (1.0,)), ("cam.flip_fusion", "maps"), ("method.cpal.tau", 0.3)):
     other = tiny_config(
         **{"train.num_steps": 2, "cam.scales": (1.0, 0.5, 1.5), "cam.write_npy": True, key: value}
     )

@@ -22,6 +22,7 @@ def tiny_config(**overrides):
   c.data.num_eval = 8
   c.model.backbone = "resnet_tiny"
   c.model.batch_norm = "frozen"  # the papers' mode; batch statistics are tested separately
+  c.method.name = "sipe"  # the pipeline's mechanics on the base network; CPAL has cpal_config
   c.train.batch_size = 8
   c.train.num_steps = STEPS
   c.train.crop_size = 64
