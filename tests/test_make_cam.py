@@ -164,6 +164,7 @@ def test_files_hold_present_classes_with_background(sipe_run):
     assert m["high_res"].min() >= 0 and np.all((np.abs(peaks - 1) < 2e-3) | (peaks == 0))
     npy = np.load(infer_cam.map_path(workdir, el["id"])[:-4] + ".npy", allow_pickle=True).item()
     np.testing.assert_array_equal(npy["keys"], m["keys"])
+    np.testing.assert_array_equal(npy["IS_CAM"], npy["high_res"])  # SIPE's cam2ir.py reads this key
   lit = [infer_cam.load_maps(infer_cam.map_path(workdir, i))["high_res"].max() for i in source.ids()]
   assert np.mean(np.asarray(lit) > 0.99) > 0.5  # most images have a channel at its peak
   assert summary["seed_miou"] is not None and summary["thresholds"]["seed"] is None

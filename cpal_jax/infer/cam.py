@@ -216,10 +216,14 @@ def write_maps(path: str, keys: np.ndarray, high_res: np.ndarray, cam: np.ndarra
   os.replace(tmp, path)
   if npy_layout:
     # IRN/SIPE's pickled dict: IRN keys are 0-based foreground indices, SIPE's keep 0 = background.
-    irn_keys = keys if (len(keys) and keys[0] == 0) else keys - 1
+    with_bg = bool(len(keys)) and keys[0] == 0
+    irn_keys = keys if with_bg else keys - 1
     npy = os.path.splitext(path)[0] + ".npy"
     tmp = npy + ".tmp.npy"
-    np.save(tmp, {"keys": irn_keys, "cam": cam.astype(np.float32), "high_res": high_res.astype(np.float32)})
+    layout = {"keys": irn_keys, "cam": cam.astype(np.float32), "high_res": high_res.astype(np.float32)}
+    if with_bg:  # SIPE's make_cam.py saves {"keys", "IS_CAM"}: the same image-size maps
+      layout["IS_CAM"] = layout["high_res"]
+    np.save(tmp, layout)
     os.replace(tmp, npy)
 
 
