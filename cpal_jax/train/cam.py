@@ -109,13 +109,7 @@ def build(config, mesh, num_train: int) -> Setup:
   num_devices = mesh.shape[sharding.DATA]
 
   def fresh(variables):
-    return state_lib.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        opt_state=tx.init(variables["params"]),
-        extra=objectives.init_state(config, feat_dim, num_devices),
-    )
+    return state_lib.fresh(variables, tx, objectives.init_state(config, feat_dim, num_devices))
 
   abstract = jax.eval_shape(lambda: fresh(abstract_vars))
   shardings = jax.tree.map(lambda _: repl, abstract)

@@ -164,13 +164,7 @@ def train(config, workdir: str) -> dict:
   tx = optax.chain(optax.clip_by_global_norm(t.clip_norm), optim.torch_sgd(lr, t.momentum, t.weight_decay))
 
   def fresh(variables):
-    return state_lib.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        opt_state=tx.init(variables["params"]),
-        extra={},
-    )
+    return state_lib.fresh(variables, tx)
 
   abstract = jax.eval_shape(lambda: fresh(model.init(key, dummy)))
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)

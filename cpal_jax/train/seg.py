@@ -403,13 +403,7 @@ def build(config, mesh, num_steps: int, backbone: dict | None = None) -> Setup:
   tx = make_optimizer(s, num_steps, abstract_vars["params"])
 
   def fresh(variables):
-    return state_lib.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        opt_state=tx.init(variables["params"]),
-        extra={},
-    )
+    return state_lib.fresh(variables, tx)
 
   abstract = jax.eval_shape(lambda: fresh(abstract_vars))
   shardings = jax.tree.map(lambda _: repl, abstract)

@@ -17,6 +17,17 @@ class TrainState:
   extra: Any  # method state (CPAL's support bank and centroids); {} for cam/sipe
 
 
+def fresh(variables: dict, tx, extra: Any = None) -> TrainState:
+  """Step 0 of a training stage: the variables, a new optimiser state and the method state."""
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      opt_state=tx.init(variables["params"]),
+      extra={} if extra is None else extra,
+  )
+
+
 def normalize_images(image_u8: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
   """uint8 [B, H, W, 3] -> ImageNet-normalised float32, zero outside the valid region (equal to the
   reference's zero padding of the normalised crop)."""
