@@ -35,7 +35,9 @@ def test_all_stages_fill_every_summary_key(tmp_path):
   for key in ("seed_miou", "crf_miou", "mask_miou", "seg_val_miou"):
     assert summary[key] is not None and math.isfinite(summary[key]) and 0 <= summary[key] <= 100, key
   assert set(summary["stage_seconds"]) == set(cli.STAGES)
-  assert summary["train_seg"]["init"] == summary["eval_seg"]["init"] == "cam"  # the synthetic default
+  # The synthetic default starts DeepLab from the committed pretrained backbone.
+  assert summary["train_seg"]["init"] == summary["eval_seg"]["init"] == config.seg.pretrained
+  assert config.seg.pretrained.endswith("procnet_resnet_tiny.npz")
   assert {"seed", "crf", "mask", "seg"} <= set(summary["per_class_iou"])
   with open(os.path.join(workdir, "summary.md")) as f:
     md = f.read()

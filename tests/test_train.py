@@ -156,7 +156,10 @@ def test_cpal_resume_keeps_bank_pointers_and_centres(tmp_path):
   cam_stage.train(cpal_config(**{"train.stop_at_step": 5}), str(tmp_path / "resumed"))
   cam_stage.train(config, str(tmp_path / "resumed"))
   a, b = final_state(config, str(tmp_path / "straight")), final_state(config, str(tmp_path / "resumed"))
-  assert int(a.extra.bank.count[:9].min()) > 0 and bool(a.extra.ready[:9].all())
+  # Something to compare: most classes have bank entries and centres (with the seed mask a class
+  # whose structure seed is empty in every image of these 6 steps has none).
+  filled = np.asarray(a.extra.bank.count[:9]) > 0
+  assert filled.sum() >= 6 and np.array_equal(np.asarray(a.extra.ready[:9]), filled)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
