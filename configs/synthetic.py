@@ -77,7 +77,9 @@ def get_config():
   c.seg.num_steps = 0
   c.seg.epochs = 6
   c.seg.msc_scales = (1.0,)
-  c.seg.lr = 0.01
+  # 0.1 (clipped) against 0.01: val 41.77 / 46.90 with CRF against 36.80 / 40.20 on the default
+  # run's masks (seed 0's val: chosen on it, not yet checked on a fresh draw).
+  c.seg.lr = 0.1
   c.seg.clip_norm = 1.0
   c.seg.weight_decay = 1e-4
   c.seg.log_every = 25
