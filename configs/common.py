@@ -33,6 +33,9 @@ def base() -> ml_collections.ConfigDict:
   c.data.image_size = 0  # synthetic only
   c.data.num_train = 0  # synthetic only: 0 = the split's default size
   c.data.num_eval = 0  # synthetic only
+  # synthetic only: default (boat, train, ball, ...) | everyday (car, house, mushroom, ...), the
+  # second class vocabulary on the same renderer (cpal_jax/data/synthetic_everyday.py).
+  c.data.world = "default"
   c.data.workers = 0  # grain worker processes; 0 = threads in this process
   # voc/coco packed into ArrayRecord shards by `python -m cpal_jax.data.tfds_pack` (the optional
   # tensorflow-datasets extra, requirements-tfds.txt). Set: every split is read from

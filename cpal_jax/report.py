@@ -256,7 +256,7 @@ def _seed_title(config) -> str:
 
 def _class_names(config) -> tuple[str, ...]:
   if config.data.name == "synthetic":
-    return synthetic.CLASS_NAMES
+    return synthetic.get_world(config.data.get("world", "default")).class_names
   if config.data.name == "voc":
     from cpal_jax.data import voc
 

@@ -30,7 +30,11 @@ def make_source(config, split: str, with_mask: bool = False):
 
     sizes = {"train": d.num_train, "train_eval": d.num_eval, "val": d.num_eval}
     src = synthetic.SyntheticSource(
-        split, seed=config.seed, num_images=sizes.get(split) or None, image_size=d.image_size or 96
+        split,
+        seed=config.seed,
+        num_images=sizes.get(split) or None,
+        image_size=d.image_size or 96,
+        world=d.get("world", "default"),
     )
   elif d.name == "voc":
     from cpal_jax.data import voc

@@ -49,6 +49,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import time
@@ -71,7 +72,6 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 NUM_CLASSES = len(CLASS_NAMES)
 BOAT, TRAIN, BALL, CRATE, STAR, RING, CROSS, TREE, FISH = range(1, NUM_CLASSES)
-CONTEXT_CLASSES = {BOAT: "water", TRAIN: "track"}
 
 SPLITS = {"train": 1600, "train_eval": 200, "val": 200}
 # train_eval shares train's seed stream on purpose: it is the train prefix.
@@ -131,7 +131,7 @@ _PALETTES: dict[int, list[np.ndarray]] = {
 }
 # Unequal sub-type frequencies: minority appearances are what one prototype misses.
 _SUBTYPE_P = {2: (0.6, 0.4), 3: (0.5, 0.3, 0.2)}
-_UPRIGHT = {BOAT, TRAIN, TREE}
+_UPRIGHT = frozenset({BOAT, TRAIN, TREE})
 _WATER = _c((25, 70, 165), (20, 105, 185), (35, 115, 175))
 _GRAVEL = _c((125, 115, 100), (110, 105, 100), (135, 120, 95))
 
@@ -374,15 +374,13 @@ def _draw_track(img, rng, frame):
   img[sl][region] = col
 
 
-def _draw_context(img, rng, cls, cx, cy, s, theta, flip):
+def _draw_context(img, rng, world, cls, cx, cy, s, theta, flip):
   """Context patch laid out in the owner's frame so it surrounds the object."""
   h, w = img.shape[:2]
-  fr = _frame(cx, cy, s, theta, flip, (2.4 if cls == BOAT else 3.7) * s, h, w)
+  reach, draw = world.contexts[cls]
+  fr = _frame(cx, cy, s, theta, flip, reach * s, h, w)
   if fr is not None:
-    if cls == BOAT:
-      _draw_water(img, rng, fr)
-    else:
-      _draw_track(img, rng, fr)
+    draw(img, rng, fr)
 
 
 def _draw_distractor(img, rng, h, w):
@@ -417,7 +415,7 @@ def _sample_instances(rng, n_fg):
   return [inst[int(i)] for i in rng.permutation(n_obj)]
 
 
-def _place(rng, classes, h, w):
+def _place(rng, world, classes, h, w):
   """Sample poses; re-try each (<= 6x) so earlier instances stay >= _MIN_VISIBLE visible."""
   inst_map = np.zeros((h, w), np.int16)  # 0 = none, i+1 = instance i
   objs, areas, visible = [], [], np.zeros(0, np.int64)
@@ -426,12 +424,12 @@ def _place(rng, classes, h, w):
     for _ in range(6):
       s = h * math.exp(rng.uniform(math.log(_SIZE_RANGE[0]), math.log(_SIZE_RANGE[1])))
       cx, cy = rng.uniform(0.08, 0.92) * w, rng.uniform(0.08, 0.92) * h
-      theta = rng.uniform(-0.2, 0.2) if cls in _UPRIGHT else rng.uniform(0, 2 * np.pi)
+      theta = rng.uniform(-0.2, 0.2) if cls in world.upright else rng.uniform(0, 2 * np.pi)
       flip = bool(rng.integers(2))
       fr = _frame(cx, cy, s, theta, flip, 1.5 * s, h, w)
       if fr is None:
         continue
-      m = _shape(cls, fr[1], fr[2])
+      m = world.shape(cls, fr[1], fr[2])
       if not m.any():
         continue
       covered = np.bincount(inst_map[fr[0]][m], minlength=len(objs) + 1)[1:]
@@ -451,16 +449,18 @@ def _place(rng, classes, h, w):
   return objs
 
 
-def render(seed_seq: np.random.SeedSequence, image_size: int = 96):
-  """Render one sample; returns (image uint8 HxWx3, mask uint8 HxW)."""
+def render(seed_seq: np.random.SeedSequence, image_size: int = 96, world: "World | None" = None):
+  """Render one sample of `world` (default: this module's classes); returns (image uint8 HxWx3,
+  mask uint8 HxW)."""
+  world = world or DEFAULT_WORLD
   rng = np.random.default_rng(seed_seq)
   h = w = image_size
-  n_fg = NUM_CLASSES - 1
+  n_fg = len(world.class_names) - 1
 
   # Geometry first (masks only) so occlusion can be controlled by re-placement.
   objs = []
   while not objs:  # practically never loops; guarantees >= 1 labelled class
-    objs = _place(rng, _sample_instances(rng, n_fg), h, w)
+    objs = _place(rng, world, _sample_instances(rng, n_fg), h, w)
 
   # Background: muted corner-to-corner gradient + low-frequency colour noise,
   # both sampled on one coarse grid so a single upsampling draws them.
@@ -473,23 +473,23 @@ def render(seed_seq: np.random.SeedSequence, image_size: int = 96):
   for _ in range(int(rng.integers(2, 7))):
     _draw_distractor(img, rng, h, w)
 
-  for cls in CONTEXT_CLASSES:
+  for cls in world.contexts:
     if rng.random() < _P_CONTEXT_ALONE:
       s = rng.uniform(0.08, 0.2) * h
-      _draw_context(img, rng, cls, rng.uniform(0, w), rng.uniform(0, h), s, rng.uniform(-0.2, 0.2), False)
+      _draw_context(img, rng, world, cls, rng.uniform(0, w), rng.uniform(0, h), s, rng.uniform(-0.2, 0.2), False)
   for cls, cx, cy, s, theta, flip, _, _ in objs:
-    if cls in CONTEXT_CLASSES and rng.random() < _P_CONTEXT:
-      _draw_context(img, rng, cls, cx, cy, s, theta, flip)
+    if cls in world.contexts and rng.random() < _P_CONTEXT:
+      _draw_context(img, rng, world, cls, cx, cy, s, theta, flip)
 
   mask = np.zeros((h, w), np.uint8)
   for cls, cx, cy, s, theta, flip, fr, m in objs:
-    pal = _PALETTES[cls]
+    pal = world.palettes[cls]
     sub = _pick(rng, _SUBTYPE_P[len(pal)])
     sl, u, v = fr
     P = _jitter(rng, pal[sub])
-    idx = _texture(cls, sub, u, v)
+    idx = world.texture(cls, sub, u, v)
     vm = v[m]
-    if idx is None:  # ring/1: hue sweeps around the ring
+    if idx is None:  # a hue sweep around the object's centre (ring/1)
       t = (np.arctan2(vm, u[m]) * np.float32(0.5 / np.pi) + np.float32(0.5))[:, None]
       col = P[0] + t * (P[1] - P[0])
     else:
@@ -504,21 +504,62 @@ def render(seed_seq: np.random.SeedSequence, image_size: int = 96):
   return np.clip(img, 0, 255).astype(np.uint8), mask
 
 
+# ------------------------------------------------------------------ worlds
+@dataclasses.dataclass(frozen=True)
+class World:
+  """A class vocabulary drawn by the shared renderer: what the objects are, nothing about how
+  images are composed (clutter, occlusion, sizes and sub-type frequencies are the same in every
+  world, so worlds differ only in their objects)."""
+
+  name: str
+  class_names: tuple[str, ...]
+  palettes: dict  # class -> one (rows, 3) colour table per sub-type (2 or 3 sub-types)
+  shape: object  # (cls, u, v) -> bool mask in object coordinates (about [-1, 1], v down)
+  texture: object  # (cls, sub, u, v) -> palette-row index map, or None for a hue sweep
+  upright: frozenset  # classes rotated by at most +-0.2 rad
+  contexts: dict  # class -> (reach in object sizes, draw(img, rng, frame)): unlabelled context
+  split_offset: int = 0  # added to the split codes so worlds never share a seed stream
+
+
+DEFAULT_WORLD = World(
+    name="default",
+    class_names=CLASS_NAMES,
+    palettes=_PALETTES,
+    shape=_shape,
+    texture=_texture,
+    upright=_UPRIGHT,
+    contexts={BOAT: (2.4, _draw_water), TRAIN: (3.7, _draw_track)},
+)
+WORLDS = ("default", "everyday")
+
+
+def get_world(name: str) -> World:
+  if name == "default":
+    return DEFAULT_WORLD
+  if name == "everyday":
+    from cpal_jax.data import synthetic_everyday
+
+    return synthetic_everyday.WORLD
+  raise ValueError(f"data.world={name!r} not understood; choose one of {', '.join(WORLDS)}")
+
+
 # ------------------------------------------------------------------ source
 class SyntheticSource:
   """Random-access source (grain MapDataset.source compatible)."""
 
-  num_classes: int = NUM_CLASSES
-  class_names: tuple[str, ...] = CLASS_NAMES
-
-  def __init__(self, split: str, *, seed: int = 0, num_images: int | None = None, image_size: int = 96):
+  def __init__(
+      self, split: str, *, seed: int = 0, num_images: int | None = None, image_size: int = 96, world: str = "default"
+  ):
     if split not in SPLITS:
       raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    self.world = get_world(world)
+    self.class_names = self.world.class_names
+    self.num_classes = len(self.class_names)
     self.split = split
     self.seed = int(seed)
     self.image_size = int(image_size)
     self._n = SPLITS[split] if num_images is None else int(num_images)
-    self._code = _SPLIT_CODE[split]
+    self._code = _SPLIT_CODE[split] + self.world.split_offset
     self._prefix = _ID_PREFIX[split]
 
   def __len__(self) -> int:
@@ -527,7 +568,7 @@ class SyntheticSource:
   def __repr__(self) -> str:
     return (
         f"SyntheticSource(split={self.split!r}, seed={self.seed}, "
-        f"num_images={self._n}, image_size={self.image_size})"
+        f"num_images={self._n}, image_size={self.image_size}, world={self.world.name!r})"
     )
 
   def __getitem__(self, index: int) -> dict:
@@ -536,9 +577,10 @@ class SyntheticSource:
       index += self._n
     if not 0 <= index < self._n:
       raise IndexError(f"index {index} out of range for {self!r}")
-    image, mask = render(np.random.SeedSequence([self.seed, self._code, index]), self.image_size)
+    image, mask = render(np.random.SeedSequence([self.seed, self._code, index]), self.image_size, self.world)
     # The label is read off the final mask so fully occluded instances never count.
-    label = (np.bincount(mask.ravel(), minlength=NUM_CLASSES)[1:NUM_CLASSES] > 0).astype(np.float32)
+    n = self.num_classes
+    label = (np.bincount(mask.ravel(), minlength=n)[1:n] > 0).astype(np.float32)
     return {"id": f"{self._prefix}_{index:06d}", "image": image, "label": label, "mask": mask}
 
   def ids(self) -> list[str]:
@@ -551,21 +593,27 @@ def colorize_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def save_grid(
-    path: str, n: int = 12, seed: int = 0, split: str = "train", image_size: int = 96, cols: int = 4
+    path: str,
+    n: int = 12,
+    seed: int = 0,
+    split: str = "train",
+    image_size: int = 96,
+    cols: int = 4,
+    world: str = "default",
 ) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  src = SyntheticSource(split, seed=seed, num_images=max(n, 1), image_size=image_size)
+  src = SyntheticSource(split, seed=seed, num_images=max(n, 1), image_size=image_size, world=world)
   rows = math.ceil(n / cols)
   fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 1.6, rows * 1.85), squeeze=False)
   for ax in axes.ravel():
     ax.axis("off")
   for i in range(n):
     item = src[i]
-    names = [CLASS_NAMES[c + 1] for c in np.flatnonzero(item["label"])]
+    names = [src.class_names[c + 1] for c in np.flatnonzero(item["label"])]
     a_img, a_msk = axes[i // cols, 2 * (i % cols)], axes[i // cols, 2 * (i % cols) + 1]
     a_img.imshow(item["image"], interpolation="nearest")
     a_img.set_title(f"{item['id']}: " + ", ".join(names), fontsize=7, loc="left")
@@ -582,13 +630,16 @@ def _main(argv=None) -> None:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--split", default="train", choices=sorted(SPLITS))
   ap.add_argument("--image-size", type=int, default=96)
+  ap.add_argument("--world", default="default", choices=WORLDS)
   ap.add_argument("--bench", type=int, default=0, help="time this many renders")
   args = ap.parse_args(argv)
   if args.grid:
-    save_grid(args.grid, n=args.n, seed=args.seed, split=args.split, image_size=args.image_size)
+    save_grid(args.grid, n=args.n, seed=args.seed, split=args.split, image_size=args.image_size, world=args.world)
     print(f"wrote {args.grid}")
   if args.bench:
-    src = SyntheticSource(args.split, seed=args.seed, num_images=args.bench, image_size=args.image_size)
+    src = SyntheticSource(
+        args.split, seed=args.seed, num_images=args.bench, image_size=args.image_size, world=args.world
+    )
     src[0]
     t = time.perf_counter()
     for i in range(len(src)):
