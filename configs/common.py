@@ -109,6 +109,10 @@ def base() -> ml_collections.ConfigDict:
   # make_cam.py; per_scale = each scale's map max-normalised before the sum.
   c.cam.scale_norm = "once"
   c.cam.pad_multiple = 64  # inputs padded per bucket so sizes compile once per bucket
+  # A whole CAM network to read instead of this workdir's train_cam checkpoint: an upstream SIPE
+  # model converted by `python -m cpal_jax.convert_weights` (CPAL's read also needs
+  # method.cpal.refresh_bank=True to build its bank with these weights).
+  c.cam.weights = ""
   c.cam.write_npy = False  # also write IRN/SIPE's <id>.npy dict layout for PyTorch tools
 
   # Stage refine (METHOD.md 1.5): dense CRF ("w/ CRF"), IRN labels, boundary net, random walk.

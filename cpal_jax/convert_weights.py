@@ -20,6 +20,15 @@ are dropped. The architecture is read off the checkpoint (blocks per stage, stem
 backbone tensor must be present with its shape; the file is written atomically, never over an
 existing one without --overwrite, and (--check, default) read back through `load_into`.
 
+An upstream SIPE checkpoint (chenqi1126/SIPE train_resnet50_SIPE.py saves {"net": state_dict} with
+the backbone under `resnet50.`, the same modules again under `stage0-4.`/`backbone.` and the heads
+`side1-4`/`classifier` again under `newly_added.`) converts to the whole CAM network
+(`params/backbone/...`, `params/side1/kernel`, ..., `params/classifier/kernel`): every alias must
+equal the tensor it repeats. Read it with make_cam as `cam.weights` (no training), or start a run
+from it with `model.pretrained`.
+
+  python -m cpal_jax.convert_weights --src=sipe_voc/ckpt/final.pth --dst=weights/sipe_voc.npz
+
 The caffe layout is only right for DeepLab with seg.layout=caffe: those weights expect the stride on
 the first 1x1 conv, a ceil-mode stem pool and BGR 0..255 input; the CAM and IRN nets are torchvision
 ResNets and take torchvision weights.
@@ -34,12 +43,12 @@ from typing import Mapping
 
 import numpy as np
 
-from cpal_jax.models import deeplab, pretrained, resnet
+from cpal_jax.models import cam_net, deeplab, pretrained, resnet
 
 SOURCE_EXTS = (".pth", ".pt", ".pth.tar", ".bin", ".safetensors")
 DEST_EXTS = (".npz", ".safetensors")
 HEAD_MODULES = ("fc", "classifier", "aspp")  # ImageNet / segmentation heads: another label set
-NESTED_KEYS = ("state_dict", "model")
+NESTED_KEYS = ("state_dict", "model", "net")  # "net": SIPE's checkpoints
 # Other torchvision ResNets, to name what a checkpoint is when it is not one of ours.
 _OTHER_RESNETS = {
     (False, (2, 2, 2, 2)): "resnet18",
@@ -49,6 +58,17 @@ _OTHER_RESNETS = {
 _BN_TORCH_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _TORCHVISION_KEY = re.compile(r"^layer\d+\.\d+\.")
 _CAFFE_KEY = re.compile(r"^layer\d+\.(conv1\.(conv|bn)|block\d+\.)")
+SIPE_HEADS = ("side1", "side2", "side3", "side4", "classifier")
+# SIPE's Net registers each module twice: stage0 = (conv1, bn1, relu, maxpool), stage1-4 = (layerK,),
+# backbone = [stage0..4], newly_added = [classifier, side1..4]. (alias pattern, what it repeats)
+_SIPE_ALIASES = (
+    (re.compile(r"^backbone\.(\d)\."), r"stage\1."),
+    (re.compile(r"^stage0\.0\."), "resnet50.conv1."),
+    (re.compile(r"^stage0\.1\."), "resnet50.bn1."),
+    (re.compile(r"^stage([1-4])\.0\."), r"resnet50.layer\1."),
+    (re.compile(r"^newly_added\.0\."), "classifier."),
+    (re.compile(r"^newly_added\.([1-4])\."), r"side\1."),
+)
 
 
 class ConversionError(ValueError):
@@ -151,12 +171,25 @@ def read_state(path: str) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------- mapping
+LAYOUTS = deeplab.LAYOUTS + ("sipe",)
+
+
 def _check_layout_flag(layout: str) -> None:
-  if layout != "auto" and layout not in deeplab.LAYOUTS:
-    raise ConversionError(f"--layout={layout}: choose auto or one of {', '.join(deeplab.LAYOUTS)}")
+  if layout != "auto" and layout not in LAYOUTS:
+    raise ConversionError(f"--layout={layout}: choose auto or one of {', '.join(LAYOUTS)}")
+
+
+def is_sipe(names) -> bool:
+  """An upstream SIPE network: its backbone under `resnet50.` beside the side and classifier heads."""
+  names = set(names)
+  return any(n.startswith("resnet50.") for n in names) and all(f"{h}.weight" in names for h in SIPE_HEADS)
 
 
 def detect_layout(names, path: str, layout: str = "auto") -> str:
+  if is_sipe(names):
+    if layout not in ("auto", "sipe"):
+      raise ConversionError(f"{path}: an upstream SIPE network, not --layout={layout}; drop --layout")
+    return "sipe"
   bare = [n[len("base.") :] if n.startswith("base.") else n for n in names]
   found = [
       name
@@ -220,15 +253,80 @@ def to_backbone(state: Mapping[str, np.ndarray], layout: str, path: str) -> tupl
   return flat, origin, heads
 
 
+def _sipe_alias_of(name: str) -> str | None:
+  """The primary name a SIPE alias repeats (resolved through backbone -> stage -> resnet50), or None."""
+  out = name
+  for pattern, repl in _SIPE_ALIASES:
+    out = pattern.sub(repl, out, count=1)
+  return out if out != name else None
+
+
+def sipe_to_cam_net(state: Mapping[str, np.ndarray], path: str) -> tuple[dict, dict, list]:
+  """-> (flat CAM-network tensors, our key -> source key, dropped alias names) of a SIPE checkpoint."""
+  primaries, aliases = {}, []
+  for key, value in state.items():
+    if key.endswith(".num_batches_tracked"):
+      continue
+    target = _sipe_alias_of(key)
+    if target is None:
+      primaries[key] = value
+    else:
+      aliases.append((key, target))
+  for key, target in aliases:
+    if target not in primaries:
+      raise ConversionError(f"{path}: {key} repeats {target}, which the checkpoint does not hold")
+    if not np.array_equal(state[key], primaries[target]):
+      raise ConversionError(f"{path}: {key} and {target} are one module in SIPE's network but differ")
+  backbone = {k[len("resnet50.") :]: v for k, v in primaries.items() if k.startswith("resnet50.")}
+  other = [k for k in primaries if not k.startswith("resnet50.") and k.split(".")[0] not in SIPE_HEADS]
+  if other:
+    raise ConversionError(
+        f"{path}: tensors that are not part of SIPE's network (resnet50, side1-4, classifier): "
+        f"{_examples(other)}"
+    )
+  flat_bb, origin_bb, heads = to_backbone(backbone, "torchvision", path)
+  if heads:
+    raise ConversionError(f"{path}: resnet50.{heads[0]} is not part of SIPE's backbone")
+  flat, origin = {}, {}
+  for ours, array in flat_bb.items():
+    col, _, rest = ours.partition("/")
+    flat[f"{col}/backbone/{rest}"] = array
+    origin[f"{col}/backbone/{rest}"] = "resnet50." + origin_bb[ours]
+  for head in SIPE_HEADS:
+    key = f"{head}.weight"
+    w = np.asarray(primaries[key], np.float32)
+    if w.ndim != 4 or w.shape[2:] != (1, 1):
+      raise ConversionError(f"{path}: {key} has shape {w.shape}; SIPE's heads are 1x1 convolutions")
+    if f"{head}.bias" in primaries:
+      raise ConversionError(f"{path}: {head}.bias: SIPE's heads have no bias; is it another network?")
+    flat[f"params/{head}/kernel"] = np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    origin[f"params/{head}/kernel"] = key
+  return flat, origin, sorted(k for k, _ in aliases)
+
+
+def cam_net_variables(flat: Mapping[str, np.ndarray], arch: str):
+  """The CAM network's variables as shapes, for the classes and side widths of the heads in `flat`."""
+  import jax
+  import jax.numpy as jnp
+
+  model = cam_net.CAMNet(
+      num_classes=int(flat["params/classifier/kernel"].shape[-1]) + 1,
+      backbone=arch,
+      side_dims=tuple(int(flat[f"params/side{i}/kernel"].shape[-1]) for i in range(1, 5)),
+  )
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), x)
+
+
 def describe(flat: Mapping[str, np.ndarray]) -> tuple[bool, tuple[int, ...], int]:
   """(bottleneck blocks?, blocks per stage, stem width) of converted backbone tensors."""
   blocks: dict[int, set] = {}
   for key in flat:
-    m = re.match(r"(?:params|batch_stats)/layer(\d+)_(\d+)/", key)
+    m = re.match(r"(?:params|batch_stats)/(?:backbone/)?layer(\d+)_(\d+)/", key)
     if m:
       blocks.setdefault(int(m[1]), set()).add(int(m[2]))
   counts = tuple(len(blocks.get(i, ())) for i in range(1, 1 + max([4, *blocks])))
-  stem = flat.get("params/conv1/kernel")
+  stem = flat.get("params/conv1/kernel", flat.get("params/backbone/conv1/kernel"))
   width = int(stem.shape[-1]) if stem is not None else 0
   return any("/conv3/" in k for k in flat), counts, width
 
@@ -336,9 +434,14 @@ def convert(
   _check_layout_flag(layout)
   state = read_state(src)
   layout = detect_layout(state, src, layout)
-  flat, origin, heads = to_backbone(state, layout, src)
-  arch = detect_arch(flat, src, arch)
-  abstract = abstract_variables(arch)
+  if layout == "sipe":
+    flat, origin, heads = sipe_to_cam_net(state, src)
+    arch = detect_arch(flat, src, arch)
+    abstract = cam_net_variables(flat, arch)
+  else:
+    flat, origin, heads = to_backbone(state, layout, src)
+    arch = detect_arch(flat, src, arch)
+    abstract = abstract_variables(arch)
   check_complete(flat, origin, _flat_shapes(abstract), arch, src)
 
   d = os.path.dirname(os.path.abspath(dst))
@@ -372,12 +475,13 @@ def convert(
 
 
 def summary_line(s: dict) -> str:
-  use = (
-      "model.pretrained, refine.irn.pretrained or seg.pretrained with seg.layout=torchvision"
-      if s["layout"] == "torchvision"
-      else "seg.pretrained with seg.layout=caffe (not the CAM/IRN nets: torchvision ResNets)"
-  )
-  heads = f"dropped {len(s['dropped_heads'])} head tensors" + (
+  use = {
+      "torchvision": "model.pretrained, refine.irn.pretrained or seg.pretrained with seg.layout=torchvision",
+      "caffe": "seg.pretrained with seg.layout=caffe (not the CAM/IRN nets: torchvision ResNets)",
+      "sipe": "cam.weights (make_cam reads it, no training) or model.pretrained (the whole CAM net)",
+  }[s["layout"]]
+  dropped = "module aliases" if s["layout"] == "sipe" else "head tensors"
+  heads = f"dropped {len(s['dropped_heads'])} {dropped}" + (
       f" ({_examples(s['dropped_heads'], 4)})" if s["dropped_heads"] else ""
   )
   return (
@@ -392,7 +496,7 @@ def cli() -> None:
 
   src = flags.DEFINE_string("src", None, "PyTorch checkpoint: .pth/.pt/.pth.tar/.bin or .safetensors.")
   dst = flags.DEFINE_string("dst", None, "Output weights: .npz or .safetensors.")
-  layout = flags.DEFINE_enum("layout", "auto", ("auto",) + deeplab.LAYOUTS, "Name layout; auto detects it.")
+  layout = flags.DEFINE_enum("layout", "auto", ("auto",) + LAYOUTS, "Name layout; auto detects it.")
   arch = flags.DEFINE_enum("arch", "auto", ("auto",) + tuple(resnet.ARCHS), "Backbone; auto detects it.")
   overwrite = flags.DEFINE_bool("overwrite", False, "Replace an existing --dst.")
   check = flags.DEFINE_bool("check", True, "Read the written file back through models.pretrained.load_into.")

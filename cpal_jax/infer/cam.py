@@ -21,6 +21,7 @@ files were made with, and a run with another one is refused rather than mixing m
 Each process labels its own share of the images with its local devices.
 """
 
+import hashlib
 import logging
 import os
 import time
@@ -59,8 +60,16 @@ def protocol_path(workdir: str) -> str:
   return os.path.join(workdir, "cam", "maps_protocol.json")
 
 
-def protocol(config, step: int) -> dict:
-  """What a map depends on besides its image: the checkpoint and the read."""
+def weights_digest(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()[:16]
+
+
+def protocol(config, step: int | None) -> dict:
+  """What a map depends on besides its image: the checkpoint (or cam.weights) and the read."""
   record = {
       "checkpoint_step": step,
       "scales": list(config.cam.scales),
@@ -72,6 +81,8 @@ def protocol(config, step: int) -> dict:
   }
   if has_background(config) and config.method.name == "cpal" and config.method.cpal.infer_shift == "batch":
     record["batch_size"] = config.cam.batch_size  # the Eq. 12 shift is a mean over the batch
+  if config.cam.get("weights"):
+    record["weights"] = weights_digest(config.cam.weights)
   return record
 
 
@@ -253,8 +264,11 @@ def run(config, workdir: str) -> dict:
   ids = source.ids()
   mine = list(range(jax.process_index(), len(source), jax.process_count()))
   os.makedirs(maps_dir(workdir), exist_ok=True)
-  step = checkpointing.latest_step(cam_stage.ckpt_dir(workdir))
-  if step is not None:  # without one, load_params below names the missing stage
+  weights = config.cam.get("weights", "")
+  if weights and not os.path.isfile(weights):
+    raise FileNotFoundError(f"cam.weights={weights}: no such file (a network converted by cpal_jax.convert_weights)")
+  step = None if weights else checkpointing.latest_step(cam_stage.ckpt_dir(workdir))
+  if step is not None or weights:  # without either, load_params below names the missing stage
     made = any(f.endswith(".npz") for f in os.listdir(maps_dir(workdir)))
     provenance.check_or_record(
         protocol_path(workdir),

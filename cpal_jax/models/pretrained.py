@@ -30,7 +30,8 @@ def load_into(variables: dict, path: str, prefix: str = "") -> tuple[dict, int]:
   """Returns (variables with the file's tensors, number of tensors loaded).
 
   prefix: inserted after the collection name, e.g. 'backbone' to load a bare ResNet checkpoint
-  (`params/layer1_0/...`) into a CAM network.
+  (`params/layer1_0/...`) into a CAM network; a file whose keys already start with it (a whole
+  CAM network, `params/backbone/...` and its heads) loads as it is.
   """
   return load_flat_into(variables, read_flat(path), path, prefix)
 
@@ -39,6 +40,8 @@ def load_flat_into(variables: dict, flat_file: dict, source: str, prefix: str = 
   """load_into for tensors already in memory ('/'-joined keys as in the files); `source` names them
   in errors."""
   path = source
+  if prefix and any(k.split("/")[1:2] == [prefix] for k in flat_file):
+    prefix = ""  # a whole network's file (a converted SIPE model): its keys already carry the prefix
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(jax.device_get(variables)).items()}
   loaded = 0
   for key, value in flat_file.items():

@@ -12,6 +12,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cpal_jax import checkpointing, image_ops
@@ -89,6 +90,7 @@ class Setup:
   step_fn: Callable  # jitted (state, batch, key) -> (state, metrics)
   abstract_state: state_lib.TrainState  # shapes, dtypes and shardings: enough to restore
   init_state: Callable[[], state_lib.TrainState]  # a fresh (or pretrained) sharded state
+  from_variables: Callable[[dict], state_lib.TrainState]  # step 0 of given variables, sharded
   recluster: Callable | None  # jitted (extra, key) -> extra: CPAL's k-means at epoch starts
 
 
@@ -118,12 +120,14 @@ def build(config, mesh, num_train: int) -> Setup:
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings
   )
 
+  from_variables = jax.jit(fresh, out_shardings=shardings)
+
   def init_state():
     variables = jax.jit(model.init, out_shardings=repl)(key, dummy)
     if config.model.pretrained:
       variables, n = pretrained.load_into(variables, config.model.pretrained, prefix="backbone")
       log.info("loaded %d tensors from %s", n, config.model.pretrained)
-    return jax.jit(fresh, out_shardings=shardings)(variables)
+    return from_variables(variables)
 
   train_step = make_train_step(model, tx, config)
   if config.train.nonfinite == "skip":
@@ -135,7 +139,7 @@ def build(config, mesh, num_train: int) -> Setup:
       donate_argnums=(0,),
   )
   recluster = objectives.make_recluster(config, shardings.extra) if config.method.name == "cpal" else None
-  return Setup(model, schedule, step_fn, abstract, init_state, recluster)
+  return Setup(model, schedule, step_fn, abstract, init_state, from_variables, recluster)
 
 
 def ckpt_dir(workdir: str) -> str:
@@ -202,7 +206,10 @@ def train(config, workdir: str) -> dict:
 
 
 def load_params(config, workdir: str, mesh):
-  """The final trained model, variables and method state (CPAL's centres) of the CAM stage."""
+  """The final trained model, variables and method state (CPAL's centres) of the CAM stage, or the
+  network in cam.weights (step None) when set."""
+  if config.cam.get("weights"):
+    return load_weights(config, mesh, config.cam.weights)
   ckpt = checkpointing.Checkpointer(ckpt_dir(workdir), keep=config.train.ckpt_keep, async_save=False)
   step = ckpt.latest_step()
   if step is None:
@@ -216,3 +223,29 @@ def load_params(config, workdir: str, mesh):
   ckpt.close()
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   return setup.model, variables, state.extra, step
+
+
+def load_weights(config, mesh, path: str):
+  """A whole CAM network from a weight file (convert_weights of an upstream SIPE checkpoint): every
+  parameter and BatchNorm statistic must be in it. CPAL's bank is not: method.cpal.refresh_bank
+  builds it from the training split with these weights."""
+  if config.method.name == "cpal" and not config.method.cpal.refresh_bank:
+    raise ValueError(
+        f"cam.weights={path} holds a network but no CPAL bank; set --config.method.cpal.refresh_bank=True "
+        "to build the bank from the training split with these weights"
+    )
+  setup = build(config, mesh, len(pipeline.make_source(config, config.data.train_split)))
+  shapes = {"params": setup.abstract_state.params, "batch_stats": setup.abstract_state.batch_stats}
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  flat = pretrained.read_flat(path)
+  variables, n = pretrained.load_flat_into(zeros, flat, path)
+  expected = len(jax.tree.leaves(zeros))
+  if n != expected:
+    have = {k.split("/")[1] for k in flat if "/" in k}
+    raise ValueError(
+        f"cam.weights={path} holds {n} of the CAM network's {expected} tensors (modules {sorted(have)}); "
+        "it must be a whole network (python -m cpal_jax.convert_weights of a SIPE checkpoint), not a backbone"
+    )
+  log.info("read the CAM network from %s (%d tensors)", path, n)
+  state = setup.from_variables(variables)
+  return setup.model, {"params": state.params, "batch_stats": state.batch_stats}, state.extra, None
