@@ -260,3 +260,23 @@ def test_model_pretrained_takes_the_whole_network(converted):
   assert n == len(jax.tree.leaves(variables))
   with np.load(d / "sipe.npz") as f:
     np.testing.assert_array_equal(loaded["params"]["side3"]["kernel"], f["params/side3/kernel"])
+
+
+def test_cpal_reads_a_sipe_model_with_a_refreshed_bank(converted, tmp_path):
+  """CPAL on someone else's SIPE network: refresh_bank fills the bank from the training split with
+  the file's weights, then PACAM is read."""
+  _, d, _ = converted
+  _voc_tree(tmp_path / "VOC2012")
+  c = _config(tmp_path / "VOC2012", d / "sipe.npz", method="cpal")
+  c.method.cpal.refresh_bank = True
+  c.method.cpal.num_clusters = 2
+  c.cam.scales = (1.0,)
+  summary = cli.run(c, str(tmp_path / "run"))
+  assert summary["make_cam"]["written"] == len(IMAGES)
+  peaks = []
+  for image_id in IMAGES:
+    m = infer_cam.load_maps(infer_cam.map_path(str(tmp_path / "run"), image_id))
+    assert np.isfinite(m["high_res"]).all()
+    peaks.append(m["high_res"].max())
+  # As in the SIPE read, the first image's seeds go to classes it lacks: Eq. 4's mask is empty there.
+  assert sum(p > 0.99 for p in peaks) >= 2, peaks
