@@ -131,6 +131,24 @@ def test_fusion_sums_scales_at_image_size_then_normalises():
   np.testing.assert_allclose(norm.max((1, 2)), 1.0, atol=1e-4)
 
 
+def test_plain_cam_high_res_is_enlarged_to_the_stride_multiple_and_cropped_as_irn():
+  """IRN's make_cam.py: F.interpolate to get_strided_up_size(size, 16), summed, [:, :H, :W]."""
+  rng = np.random.default_rng(0)
+  maps = [rng.random((3, 5, 4)).astype(np.float32), rng.random((3, 8, 6)).astype(np.float32)]
+  size = (75, 61)
+  up = ((75 - 1) // 16 * 16 + 16, (61 - 1) // 16 * 16 + 16)
+  want = sum(
+      torch.nn.functional.interpolate(torch.from_numpy(m)[:, None], up, mode="bilinear", align_corners=False)
+      for m in maps
+  )[:, 0, : size[0], : size[1]].numpy()
+  got = infer_cam.fuse_scales(maps, size, up_multiple=16)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert np.abs(infer_cam.fuse_scales(maps, size) - want).max() > 1e-2  # straight to size differs
+  config = tiny_config(**{"method.name": "cam"})
+  assert infer_cam.high_res_multiple(config) == 2 * np.prod(config.model.strides)
+  assert infer_cam.high_res_multiple(tiny_config(**{"method.name": "sipe"})) == 0  # SIPE's: straight
+
+
 def test_rescale_rounds_like_irn():
   im = np.zeros((375, 500, 3), np.uint8)
   assert infer_cam.rescale(im, 0.5).shape == (188, 250, 3)

@@ -4,6 +4,8 @@ For each scale s the image is PIL-bicubic rescaled to (round(H*s), round(W*s)) a
 its horizontal flip; the two maps are summed after flipping the second back. The per-scale maps are
 upsampled (bilinear, align_corners=False) to the image size and to the stride-4 grid the random
 walk runs on, summed over scales, restricted to the present classes and max-normalised per channel.
+The image-size maps follow each reference's make_cam.py: SIPE's reads (IS-CAM, CPAL's PACAM) go
+straight to the image size, IRN's plain CAM to the next multiple of the output stride, then cropped.
 
 Which map is the seed depends on the method: SIPE's IS-CAM and CPAL's PACAM (or CAM + lambda*PACAM)
 carry their own background channel and are max-normalised per scale as SIPE's inference does; the
@@ -83,7 +85,16 @@ def protocol(config, step: int | None) -> dict:
     record["batch_size"] = config.cam.batch_size  # the Eq. 12 shift is a mean over the batch
   if config.cam.get("weights"):
     record["weights"] = weights_digest(config.cam.weights)
+  if high_res_multiple(config):
+    record["high_res"] = f"up to a multiple of {high_res_multiple(config)}, cropped"
   return record
+
+
+def high_res_multiple(config) -> int:
+  """The image-size maps' protocol: SIPE's make_cam.py (IS-CAM, and CPAL's PACAM read the same way)
+  enlarges each scale straight to the image size; IRN's, for the plain CAM, to the next multiple of
+  the output stride, then crops (0 = straight)."""
+  return 0 if has_background(config) else cam_net.output_stride(config)
 
 
 def make_predict(model, config):
@@ -202,8 +213,16 @@ def padded_batch(images: list[np.ndarray], labels: np.ndarray, multiple: int, ba
   return {"image": img, "valid": valid, "label": lab}
 
 
-def fuse_scales(per_scale: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-  """Sum of per-scale maps [K, h_s, w_s] upsampled to `size` (bilinear, align_corners=False)."""
+def fuse_scales(per_scale: list[np.ndarray], size: tuple[int, int], up_multiple: int = 0) -> np.ndarray:
+  """Sum of per-scale maps [K, h_s, w_s] upsampled to `size` (bilinear, align_corners=False).
+
+  up_multiple > 0: IRN's make_cam.py enlarges to the size rounded up to that multiple (its
+  strided_up_size, the output stride) and crops `size` from the top left, so the cells keep their
+  stride instead of being stretched over the image (about 9 px at OS16 on a 375 px side)."""
+  if up_multiple:
+    h, w = size
+    up = (-(-h // up_multiple) * up_multiple, -(-w // up_multiple) * up_multiple)
+    return sum(image_ops.resize_bilinear_host(m, up) for m in per_scale)[:, :h, :w]
   return sum(image_ops.resize_bilinear_host(m, size) for m in per_scale)
 
 
@@ -290,6 +309,7 @@ def run(config, workdir: str) -> dict:
     extra = refresh_bank(config, model, variables, extra, mesh)
   predict = make_predict(model, config)
   with_bg = has_background(config)
+  up_multiple = high_res_multiple(config)
   n_dev = mesh.shape[sharding.DATA]
   exact = config.cam.pad_multiple == 0
   if config.cam.pad_multiple < 0:
@@ -317,7 +337,7 @@ def run(config, workdir: str) -> dict:
       h, w = el["image"].shape[:2]
       keys = channel_keys(el["label"], with_bg)
       channels = keys if with_bg else keys - 1
-      high_res = normalise(fuse_scales([m[channels] for m in per_scale[j]], (h, w)))
+      high_res = normalise(fuse_scales([m[channels] for m in per_scale[j]], (h, w), up_multiple))
       strided = normalise(fuse_scales([m[channels] for m in per_scale[j]], (-(-h // 4), -(-w // 4))))
       write_maps(map_path(workdir, el["id"]), keys, high_res, strided, config.cam.write_npy)
       faults.point(f"make_cam/image/{start + j + 1}")
