@@ -175,8 +175,7 @@ def refresh_bank(config, model, variables, extra, mesh):
   entries = jax.jit(entries)
   push = jax.jit(lambda st, pr, ok: cpal.push_prototypes(st, pr, ok))
   state = cpal.empty_bank(extra)
-  n_dev = mesh.shape[sharding.DATA]
-  batch_size = -(-config.cam.batch_size // n_dev) * n_dev
+  batch_size = device_batch(config, mesh, exact=False)
   batch_sharding = sharding.batch_sharded(mesh)
   for _, batch in pipeline.eval_batches(source, batch_size, config.cam.pad_multiple or 1):
     batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items() if k != "size"}
@@ -185,6 +184,13 @@ def refresh_bank(config, model, variables, extra, mesh):
   fill = jax.device_get(state.bank.count)[: config.data.num_classes - 1]
   log.info("make_cam: bank refreshed from %d training images (entries per class %d..%d)", len(source), fill.min(), fill.max())
   return state
+
+
+def device_batch(config, mesh, exact: bool) -> int:
+  """Images per predict call: cam.batch_size rounded up to the data devices; with exact sizes one
+  image per call (the other devices' entries are copies of it, dropped)."""
+  n_dev = mesh.shape[sharding.DATA]
+  return n_dev if exact else -(-config.cam.batch_size // n_dev) * n_dev
 
 
 def rescale(image: np.ndarray, scale: float) -> np.ndarray:
@@ -278,6 +284,8 @@ def run(config, workdir: str) -> dict:
   """Writes workdir/cam/maps/<id>.npz for every image of config.cam.split (default
   data.train_split) not written yet; returns summary updates."""
   t0 = time.time()
+  if config.cam.pad_multiple < 0:
+    raise ValueError(f"cam.pad_multiple={config.cam.pad_multiple}: a positive multiple, or 0 for exact sizes")
   split = config.cam.split or config.data.train_split
   source = pipeline.make_source(config, split)
   ids = source.ids()
@@ -310,12 +318,8 @@ def run(config, workdir: str) -> dict:
   predict = make_predict(model, config)
   with_bg = has_background(config)
   up_multiple = high_res_multiple(config)
-  n_dev = mesh.shape[sharding.DATA]
   exact = config.cam.pad_multiple == 0
-  if config.cam.pad_multiple < 0:
-    raise ValueError(f"cam.pad_multiple={config.cam.pad_multiple}: a positive multiple, or 0 for exact sizes")
-  # Exact sizes: one image per step (the rest of the device batch are copies of it, dropped).
-  batch_size = n_dev if exact else -(-config.cam.batch_size // n_dev) * n_dev
+  batch_size = device_batch(config, mesh, exact)
   per_step = 1 if exact else batch_size
   batch_sharding = sharding.batch_sharded(mesh)
 
