@@ -6,7 +6,7 @@
 Times the jitted step (median of --steps after --warmup, compile excluded) for each method on
 ResNet-50 at output stride 16 with the paper's bank (1,000 x 50 centres, top-20, the bank full and
 clustered so PACAM runs at full cost), counts its FLOPs from XLA's cost analysis, and runs the
-PyTorch SIPE step of ../shared/bench/torch_ref.py with the same batch, size and threads in a
+PyTorch SIPE step of bench/torch_ref.py with the same batch, size and threads in a
 subprocess of the same run. Ratios are the figures to compare across machines: CPAL over SIPE
 (what the regulariser adds) and JAX SIPE over PyTorch SIPE (same model). --peak-json is
 matmul_peak.py's output, for FLOP/s as a fraction of the machine's matmul peak.
@@ -22,7 +22,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_REF = os.path.join(os.path.dirname(REPO), "shared", "bench", "torch_ref.py")
+TORCH_REF = os.path.join(REPO, "bench", "torch_ref.py")
 
 
 def parse_args():

@@ -120,7 +120,6 @@ def test_voc_layout_end_to_end(tmp_path):
   assert np.isfinite(summary["mask_miou"]) and len(os.listdir(tmp_path / "run" / "masks")) == 12 + 1
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="the shared VOC sample is not beside the repo")
 def test_real_voc_sample_end_to_end(tmp_path):
   config = small_voc_config(
       FIXTURE, **{"data.train_split": "train", "data.eval_split": "val", "cam.split": "val"}

@@ -28,7 +28,6 @@ def run(args, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FIXTURE.exists(), reason="the shared VOC sample is not beside the repo")
 def test_converted_resnet50_runs_the_voc_recipe_on_real_images(tmp_path):
   torch.manual_seed(0)
   torch.save(TorchResNet().state_dict(), tmp_path / "resnet50-0676ba61.pth")
