@@ -121,7 +121,7 @@ def summarize(table: str, results: dict) -> tuple[str, list]:
 
 
 def run_table(base, table: str, seeds: list[int], workdir: str, rows: list[str] | None = None) -> dict:
-  from cpal_jax import main as cli
+  from cpal_jax import stages
   from cpal_jax import reporting
 
   results = {}  # row id -> per-seed summaries
@@ -132,7 +132,7 @@ def run_table(base, table: str, seeds: list[int], workdir: str, rows: list[str] 
       run_dir = os.path.join(workdir, f"table{table}", rid, f"seed{seed}")
       done = reporting.read_summary(run_dir)
       if done.get("seed_miou") is None or "eval_cam" not in (done.get("stage_seconds") or {}):
-        done = cli.run(row_config(base, overrides, seed), run_dir)
+        done = stages.run(row_config(base, overrides, seed), run_dir)
       results.setdefault(rid, []).append(done)
   md, json_rows = summarize(table, results)
   reporting.atomic_write_text(os.path.join(workdir, f"table{table}.md"), md)
@@ -144,9 +144,9 @@ def run_table(base, table: str, seeds: list[int], workdir: str, rows: list[str] 
 
 
 def cli() -> None:
-  from cpal_jax import main as pipeline_main
+  from cpal_jax import command, stages
 
-  config_flag = pipeline_main.define_config_flag("Base config of every row.")
+  config_flag = command.define_config_flag("Base config of every row.")
   table = flags.DEFINE_enum("table", "1", sorted(TABLES), "Which of the paper's tables to reproduce.")
   seeds_flag = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
   rows_flag = flags.DEFINE_string("rows", "", "Comma-separated row ids (default: all rows of the table).")
@@ -160,8 +160,8 @@ def cli() -> None:
     unknown = set(rows or []) - {r[0] for r in TABLES[table.value]}
     if unknown:
       raise app.UsageError(f"unknown rows {sorted(unknown)} for table {table.value}")
-    pipeline_main.setup_logging()
-    with pipeline_main.exit_on_preemption():
+    command.setup_logging()
+    with stages.exit_on_preemption():
       run_table(config_flag.value, table.value, seeds, workdir.value, rows)
 
   app.run(main)

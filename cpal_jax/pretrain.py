@@ -6,30 +6,23 @@
 A killed run resumes from its workdir's checkpoint.
 """
 
-import os
-
 from absl import app, flags
-from ml_collections import config_flags
 
-from cpal_jax import main as pipeline_main
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cpal_jax import command, stages
 
 
 def cli() -> None:
-  config_flag = config_flags.DEFINE_config_file(
-      "config", os.path.join(_REPO, "configs", "pretrain.py"), "Pretraining config file.", lock_config=True
-  )
+  config_flag = command.define_config_flag("Pretraining config file.", "pretrain.py")
   workdir_flag = flags.DEFINE_string("workdir", None, "Run directory (checkpoints); overrides config.workdir.")
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config, --config.<key>=value, --workdir")
-    pipeline_main.setup_logging()
+    command.setup_logging()
     from cpal_jax.train import pretrain
 
     config = config_flag.value
-    with pipeline_main.exit_on_preemption():
+    with stages.exit_on_preemption():
       record = pretrain.train(config, workdir_flag.value or config.workdir)
     print(f"val accuracy {record['val_accuracy']:.4f} (chance {record['chance']:.4f}) in {record['seconds']:.0f} s; "
           f"weights: {config.out}")

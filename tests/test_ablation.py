@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cpal_jax import ablation
-from cpal_jax import main as cli
+from cpal_jax import stages as cli
 from test_train import tiny_config
 
 

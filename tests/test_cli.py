@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import voc as voc_config
-from cpal_jax import main as cli
+from cpal_jax import stages as cli
 from cpal_jax.data.voc import VOC_CLASSES
 from test_voc import FIXTURE, voc_palette, write_xml
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cpal_jax import main as cli
+from cpal_jax import stages as cli
 from cpal_jax.data import palette
 from cpal_jax.infer import export
 from test_train import tiny_config

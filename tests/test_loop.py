@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from cpal_jax import checkpointing, diskspace, faults
-from cpal_jax import main as cli
+from cpal_jax import stages as cli
 from cpal_jax.data import pipeline
 from cpal_jax.parallel import sharding
 from cpal_jax.train import loop, state as state_lib

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cpal_jax import convert_weights as cw
-from cpal_jax import main as cli
+from cpal_jax import stages as cli
 from cpal_jax.infer import cam as infer_cam
 from test_convert_weights import TorchResNet
 from test_voc import voc_palette, write_xml

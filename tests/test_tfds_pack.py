@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpal_jax.data import pipeline, tfds_pack
+from cpal_jax.data import pipeline, tfds_pack, tfds_source
 from cpal_jax.data.voc import VOC_CLASSES, VOCSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,10 +93,10 @@ def test_packed_split_equals_the_tree(packed, split, with_mask):
   assert stats["splits"][split]["has_mask"] == with_mask
   assert stats["splits"][split]["original_images"] == stats["splits"][split]["num_examples"]
   ref = VOCSource(config.data.root, split, mask_dir="SegmentationClass", with_mask=with_mask)
-  got = tfds_pack.TFDSSource(str(out), "cpal_voc", split, with_mask=with_mask)
+  got = tfds_source.TFDSSource(str(out), "cpal_voc", split, with_mask=with_mask)
   assert_same(ref, got, with_mask)
   if with_mask:  # the mask-less reading of a split with masks
-    assert_same(VOCSource(config.data.root, split), tfds_pack.TFDSSource(str(out), "cpal_voc", split), False)
+    assert_same(VOCSource(config.data.root, split), tfds_source.TFDSSource(str(out), "cpal_voc", split), False)
 
 
 def test_make_source_reads_the_packed_dataset(packed):
@@ -105,7 +105,7 @@ def test_make_source_reads_the_packed_dataset(packed):
   c.data.tfds_dir = str(out)
   c.data.root = "/nonexistent"  # the tree is not read
   src = pipeline.make_source(c, "val", with_mask=True)
-  assert isinstance(src, tfds_pack.TFDSSource)
+  assert isinstance(src, tfds_source.TFDSSource)
   assert_same(pipeline.make_source(config, "val", with_mask=True), src, True)
   # A split given as a list path is found under the list's stem.
   by_path = pipeline.make_source(c, str(Path(config.data.root) / "ImageSets/Segmentation/train_aug.txt"))
@@ -125,7 +125,7 @@ def test_make_source_reads_the_packed_dataset(packed):
 
 def test_grain_batches_and_pickle(packed):
   config, out, _ = packed
-  src = tfds_pack.TFDSSource(str(out), "cpal_voc", "train_aug")
+  src = tfds_source.TFDSSource(str(out), "cpal_voc", "train_aug")
   labels = list(grain.MapDataset.source(src).map(lambda e: e["label"]).batch(3))
   assert [b.shape for b in labels] == [(3, 20), (3, 20)]
   np.testing.assert_array_equal(np.concatenate(labels), np.stack([src[i]["label"] for i in range(6)]))
@@ -151,8 +151,8 @@ def test_png_images_are_lossless_and_rebuild_needs_overwrite(packed, tmp_path):
   png = tfds_pack.pack(config, ["val"], str(tmp_path), image_format="png", workers=1)
   assert png["splits"]["val"]["original_images"] == 0
   assert_same(
-      tfds_pack.TFDSSource(str(out), "cpal_voc", "val", with_mask=True),
-      tfds_pack.TFDSSource(str(tmp_path), "cpal_voc", "val", with_mask=True),
+      tfds_source.TFDSSource(str(out), "cpal_voc", "val", with_mask=True),
+      tfds_source.TFDSSource(str(tmp_path), "cpal_voc", "val", with_mask=True),
       True,
   )
   assert png["bytes_per_image"] > stats["bytes_per_image"]  # PNG costs more than the JPEGs
@@ -175,7 +175,7 @@ def test_cli(packed, tmp_path):
   res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "val: 2 images, masks=True" in res.stdout and f"--config.data.tfds_dir={out}" in res.stdout
-  assert tfds_pack.TFDSSource(str(out), "cpal_voc", "val", with_mask=True).ids() == VAL
+  assert tfds_source.TFDSSource(str(out), "cpal_voc", "val", with_mask=True).ids() == VAL
 
 
 def test_coco_tree_round_trip(tmp_path):
@@ -195,7 +195,7 @@ def test_coco_tree_round_trip(tmp_path):
   c2.data.tfds_dir = str(tmp_path / "tfds")
   for split in ("train2014", "val2014"):
     got = pipeline.make_source(c2, split, with_mask=True)
-    assert isinstance(got, tfds_pack.TFDSSource)
+    assert isinstance(got, tfds_source.TFDSSource)
     assert got.class_names == ("background", "person", "car", "toothbrush")
     assert_same(pipeline.make_source(c, split, with_mask=True), got, True)
 
@@ -204,7 +204,7 @@ def test_missing_tfds_says_how_to_install(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import raises ImportError
   hint = r"pip install tensorflow-datasets==4\.9\.10 \(the optional extra; TensorFlow is not needed\)"
   with pytest.raises(ImportError, match=hint):
-    tfds_pack.TFDSSource(str(tmp_path), "cpal_voc", "val")
+    tfds_source.TFDSSource(str(tmp_path), "cpal_voc", "val")
   config = voc_config(tmp_path)
   with pytest.raises(ImportError, match=hint):
     tfds_pack.pack(config, ["val"], str(tmp_path / "out"))

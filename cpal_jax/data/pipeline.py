@@ -22,9 +22,9 @@ def make_source(config, split: str, with_mask: bool = False):
         "or 'skip' (drop bad ids at startup, counted and logged)"
     )
   if d.get("tfds_dir"):  # a packed copy of the voc/coco tree (cpal_jax.data.tfds_pack)
-    from cpal_jax.data import tfds_pack
+    from cpal_jax.data import tfds_source
 
-    src = tfds_pack.TFDSSource(d.tfds_dir, tfds_pack.dataset_name(config), split, with_mask=with_mask)
+    src = tfds_source.TFDSSource(d.tfds_dir, tfds_source.dataset_name(config), split, with_mask=with_mask)
   elif d.name == "synthetic":
     from cpal_jax.data import synthetic
 

@@ -49,14 +49,14 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import math
 import time
 
 import numpy as np
 
-from cpal_jax.data import palette
+from cpal_jax.data import palette, procedural
+from cpal_jax.data.procedural import World
 
 CLASS_NAMES: tuple[str, ...] = (
     "background",
@@ -84,7 +84,7 @@ _MIN_VISIBLE = 0.35  # fraction of an instance that must survive occlusion
 _SIZE_RANGE = (0.06, 0.25)  # half-size as a fraction of the image side
 
 # Colour tables per class and sub-type; texture functions index into them.
-_c = lambda *rows: np.array(rows, dtype=np.float32)  # noqa: E731
+_c = procedural.colours
 _SHARED_BALL_CRATE = [
     _c((235, 140, 20), (25, 20, 15)),  # tiger: orange + black stripes
     _c((125, 40, 165), (170, 225, 60)),  # checker: purple / lime
@@ -205,9 +205,7 @@ def _shape(cls, u, v):
 
 
 # --------------------------------------------------------------- textures
-def _frac(x):
-  # x - floor(x) is ~6x faster than np.mod for float32.
-  return x - np.floor(x)
+_frac = procedural.frac
 
 
 def _texture(cls, sub, u, v):
@@ -319,9 +317,7 @@ def _frame(cx, cy, s, theta, flip, radius, h, w):
   return (slice(y0, y1), slice(x0, x1)), u, v
 
 
-def _jitter(rng, P):
-  gain = rng.uniform(0.85, 1.12)
-  return np.clip(P * gain + rng.uniform(-15, 15, size=(1, 3)), 0, 255).astype(np.float32)
+_jitter = procedural.jitter
 
 
 def _muted(rng, sat_lo, sat_hi, n=1):
@@ -505,22 +501,6 @@ def render(seed_seq: np.random.SeedSequence, image_size: int = 96, world: "World
 
 
 # ------------------------------------------------------------------ worlds
-@dataclasses.dataclass(frozen=True)
-class World:
-  """A class vocabulary drawn by the shared renderer: what the objects are, nothing about how
-  images are composed (clutter, occlusion, sizes and sub-type frequencies are the same in every
-  world, so worlds differ only in their objects)."""
-
-  name: str
-  class_names: tuple[str, ...]
-  palettes: dict  # class -> one (rows, 3) colour table per sub-type (2 or 3 sub-types)
-  shape: object  # (cls, u, v) -> bool mask in object coordinates (about [-1, 1], v down)
-  texture: object  # (cls, sub, u, v) -> palette-row index map, or None for a hue sweep
-  upright: frozenset  # classes rotated by at most +-0.2 rad
-  contexts: dict  # class -> (reach in object sizes, draw(img, rng, frame)): unlabelled context
-  split_offset: int = 0  # added to the split codes so worlds never share a seed stream
-
-
 DEFAULT_WORLD = World(
     name="default",
     class_names=CLASS_NAMES,

@@ -12,7 +12,7 @@ It keeps the failure modes the default world has, on other objects:
   white dots, blue with white sectors) and differ in the stem/handle below them.
 
 Clutter, sizes, occlusion, sub-type frequencies and the split layout are the shared renderer's
-(cpal_jax/data/synthetic.py); this world has its own seed streams. No jax import (grain workers).
+(cpal_jax/data/synthetic.py, which serves this world as data.world=everyday); this world has its own seed streams. No jax import (grain workers).
 
     python -m cpal_jax.data.synthetic --world everyday --grid docs/synthetic_everyday_samples.png
 """
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from cpal_jax.data import synthetic
-from cpal_jax.data.synthetic import _c, _frac, _jitter
+from cpal_jax.data.procedural import World
+from cpal_jax.data.procedural import colours as _c
+from cpal_jax.data.procedural import frac as _frac
+from cpal_jax.data.procedural import jitter as _jitter
 
 CLASS_NAMES: tuple[str, ...] = (
     "background",
@@ -311,7 +313,7 @@ def _draw_grass(img, rng, frame):
   img[sl][region] = col
 
 
-WORLD = synthetic.World(
+WORLD = World(
     name="everyday",
     class_names=CLASS_NAMES,
     palettes=_PALETTES,

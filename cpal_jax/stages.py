@@ -1,0 +1,99 @@
+"""The pipeline's stages in order on one workdir: what `python -m cpal_jax.main` (and the ablation
+runner, and tests) call. Every stage reads only what earlier stages wrote to the workdir, so any
+suffix of the stages can be re-run."""
+
+import contextlib
+import logging
+import os
+import sys
+import time
+
+STAGES = ("train_cam", "make_cam", "eval_cam", "refine", "export", "train_seg", "eval_seg")
+log = logging.getLogger(__name__)
+
+
+def parse_stages(spec: str) -> list[str]:
+  stages = [s.strip() for s in spec.split(",") if s.strip()]
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown or not stages:
+    raise ValueError(
+        f"config.stages={spec!r}: unknown stage(s) {unknown}; this version runs {', '.join(STAGES)}"
+    )
+  return stages
+
+
+def run(config, workdir: str) -> dict:
+  """Runs config.stages on workdir; returns the merged summary."""
+  from cpal_jax import reporting
+  from cpal_jax.eval import seed as seed_eval
+  from cpal_jax.eval import seg as seg_eval
+  from cpal_jax.infer import cam as make_cam
+  from cpal_jax.infer import export
+  from cpal_jax.parallel import distributed
+  from cpal_jax.refine import stage as refine
+  from cpal_jax.train import cam as cam_stage
+  from cpal_jax.train import seg as seg_stage
+
+  runners = {
+      "train_cam": cam_stage.train,
+      "make_cam": make_cam.run,
+      "eval_cam": seed_eval.evaluate,
+      "refine": refine.run,
+      "export": export.run,
+      "train_seg": seg_stage.train,
+      "eval_seg": seg_eval.evaluate,
+  }
+
+  stages = parse_stages(config.stages)
+  distributed.initialize(config)
+  check_workdir(workdir)
+  if distributed.is_main():
+    reporting.atomic_write_text(
+        os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n"
+    )
+  summary = reporting.read_summary(workdir)
+  for stage in stages:
+    t0 = time.time()
+    log.info("stage %s -> %s", stage, workdir)
+    updates = runners[stage](config, workdir)
+    updates["stage_seconds"] = {stage: round(time.time() - t0, 1)}
+    summary = reporting.update_summary(workdir, **updates)
+  figures = {}
+  if config.report.enabled:
+    from cpal_jax import report
+
+    figures = report.write_report(config, workdir)
+  if distributed.is_main():
+    reporting.atomic_write_text(
+        os.path.join(workdir, "summary.md"), reporting.summary_markdown(summary, figures)
+    )
+    print(reporting.format_summary(summary))
+    print(f"\nsummary: {os.path.join(workdir, 'summary.json')}")
+  return summary
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails before any work when the workdir cannot be created or written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(
+        f"workdir {workdir} is not writable ({e.strerror}); pass --workdir=<a folder you can write>"
+    ) from None
+
+
+@contextlib.contextmanager
+def exit_on_preemption():
+  """A stage stopped by SIGTERM/SIGINT ends the command with its resume hint and exit code 75
+  (what launchers retry on), not with a traceback."""
+  from cpal_jax.train import loop
+
+  try:
+    yield
+  except loop.Preempted as e:
+    log.warning("%s", e)
+    sys.exit(loop.PREEMPTED_EXIT_CODE)
