@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpal_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalPrepare, TrainAugment
+from cpal_jax.data.transforms import EvalPrepare, TrainAugment
+from cpal_jax.models.resnet import IMAGENET_MEAN, IMAGENET_STD
 
 
 def make_element(h, w, seed=0, with_mask=True):

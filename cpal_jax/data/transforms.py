@@ -1,7 +1,8 @@
 """Host-side grain transforms: the IRN/SIPE training augmentation and eval padding.
 
 Batches stay uint8 on the host; the device normalises with
-``(x / 255 - IMAGENET_MEAN) / IMAGENET_STD * valid``. Because the reference pipeline
+``(x / 255 - IMAGENET_MEAN) / IMAGENET_STD * valid`` (models/resnet.py: the pretrained weights'
+input convention). Because the reference pipeline
 normalises before zero-padding the crop, multiplying by ``valid`` afterwards gives the
 same tensor while moving 4x fewer bytes to the device.
 
@@ -14,8 +15,6 @@ import grain
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 
 

@@ -30,7 +30,6 @@ import numpy as np
 from jax import lax
 
 from cpal_jax import image_ops
-from cpal_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cpal_jax.models import resnet
 
 LAYOUTS = ("caffe", "torchvision")
@@ -151,8 +150,8 @@ def normalize(image_u8: jnp.ndarray, valid: jnp.ndarray, layout: str) -> jnp.nda
   if layout == "caffe":
     x = x[..., ::-1] - jnp.asarray(CAFFE_MEAN_BGR, jnp.float32)
   else:
-    x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0) / (
-        jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
+    x = (x - jnp.asarray(resnet.IMAGENET_MEAN, jnp.float32) * 255.0) / (
+        jnp.asarray(resnet.IMAGENET_STD, jnp.float32) * 255.0
     )
   return x * valid[..., None].astype(jnp.float32)
 

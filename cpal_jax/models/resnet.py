@@ -24,6 +24,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# The input normalisation of torchvision's ImageNet weights, which every pretrained network here
+# (converted or ProcNet) expects: (x / 255 - mean) / std per RGB channel.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # torchvision's conv init (kaiming normal, fan_out, relu).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch's default Conv2d init (kaiming uniform, a=sqrt(5)), used by the new heads of CAM nets.

@@ -5,7 +5,8 @@ from typing import Any
 import flax.struct
 import jax.numpy as jnp
 
-from cpal_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cpal_jax.models import resnet
+
 
 
 @flax.struct.dataclass
@@ -31,6 +32,6 @@ def fresh(variables: dict, tx, extra: Any = None) -> TrainState:
 def normalize_images(image_u8: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
   """uint8 [B, H, W, 3] -> ImageNet-normalised float32, zero outside the valid region (equal to the
   reference's zero padding of the normalised crop)."""
-  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
-  std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
+  mean = jnp.asarray(resnet.IMAGENET_MEAN, jnp.float32) * 255.0
+  std = jnp.asarray(resnet.IMAGENET_STD, jnp.float32) * 255.0
   return (image_u8.astype(jnp.float32) - mean) / std * valid[..., None].astype(jnp.float32)
