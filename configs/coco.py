@@ -1,5 +1,5 @@
 """MS COCO 2014 (81 classes): VOC's CAM recipe over SIPE's 82,081 train2014 images
-(5 epochs of 82,081 // 16 = 5,130 steps = 25,650 steps, METHOD.md 1.8), then SIPE's COCO path:
+(5 epochs of 82,081 // 16 = 5,130 steps = 25,650 steps, docs/method.md 1.8), then SIPE's COCO path:
 the dense CRF alone as refinement (no IRN).
 
 python -m cpal_jax.main --config=configs/coco.py --config.data.root=/data/coco

@@ -1,4 +1,4 @@
-"""Keys every pipeline config shares (DESIGN.md). Dataset configs start from `base()`."""
+"""Keys every pipeline config shares. Dataset configs start from `base()`."""
 
 import ml_collections
 
@@ -62,7 +62,7 @@ def base() -> ml_collections.ConfigDict:
   c.method.cls_weight = 1.0  # alpha of Eq. 1
   c.method.gsc_weight = 1.0  # SIPE's L_GSC (sipe; cpal only with cpal.keep_sipe_gsc)
   c.method.cpal = cpal.default_config()
-  c.method.ppc = ppc.default_config()  # METHOD.md section 4 (PPC on the SIPE base network)
+  c.method.ppc = ppc.default_config()  # docs/method.md section 4 (PPC on the SIPE base network)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global, over all devices and processes
@@ -92,7 +92,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.threshold_max = 0.59  # background sweep t in 0.00..threshold_max for maps without bg
   c.eval.cam_threshold = 0.15  # IRN's fixed cam_eval_thres, reported beside the sweep
 
-  # Stage make_cam (METHOD.md 1.3): multi-scale + flip maps of every image of data.train_split,
+  # Stage make_cam (docs/method.md 1.3): multi-scale + flip maps of every image of data.train_split,
   # the split that gets pseudo masks (seeds and masks are scored on data.eval_split, a subset).
   c.cam = ml_collections.ConfigDict()
   c.cam.split = ""  # empty: data.train_split
@@ -115,7 +115,7 @@ def base() -> ml_collections.ConfigDict:
   c.cam.weights = ""
   c.cam.write_npy = False  # also write IRN/SIPE's <id>.npy dict layout for PyTorch tools
 
-  # Stage refine (METHOD.md 1.5): dense CRF ("w/ CRF"), IRN labels, boundary net, random walk.
+  # Stage refine (docs/method.md 1.5): dense CRF ("w/ CRF"), IRN labels, boundary net, random walk.
   c.refine = ml_collections.ConfigDict()
   c.refine.mode = "irn"  # irn: CRF labels -> boundary net -> random walk | crf: dense CRF only
   c.refine.workers = 0  # CRF processes; 0 = all cores
@@ -134,7 +134,7 @@ def base() -> ml_collections.ConfigDict:
   c.refine.ir_label.bi_sxy = 50
   c.refine.ir_label.bi_srgb = 5
   c.refine.ir_label.iters = 10
-  c.refine.irn = ml_collections.ConfigDict()  # boundary network (METHOD.md 1.5 D3)
+  c.refine.irn = ml_collections.ConfigDict()  # boundary network (docs/method.md 1.5 D3)
   c.refine.irn.backbone = "resnet50"
   c.refine.irn.pretrained = ""  # converted ImageNet weights for its frozen backbone
   c.refine.irn.crop_size = 512
@@ -157,7 +157,7 @@ def base() -> ml_collections.ConfigDict:
   # Edge-map inference pads each image to a multiple of this: IRN pads every VOC image to 512x512
   # (its crop); a smaller multiple saves compute but changes the values near the padding a little.
   c.refine.irn.pad_multiple = 512
-  c.refine.walk = ml_collections.ConfigDict()  # random walk (METHOD.md 1.5 D4)
+  c.refine.walk = ml_collections.ConfigDict()  # random walk (docs/method.md 1.5 D4)
   c.refine.walk.radius = 5
   c.refine.walk.beta = 10
   c.refine.walk.exp_times = 8
@@ -165,11 +165,11 @@ def base() -> ml_collections.ConfigDict:
   c.refine.walk.bg_power = 1.5  # SIPE: cam ** 1.5 on the map's own background channel
   c.refine.walk.pad_multiple = 16  # stride-4 maps padded per bucket (edge 1 there: exact)
 
-  # Stage export (METHOD.md 1.6): palette PNGs of class indices in workdir/masks.
+  # Stage export (docs/method.md 1.6): palette PNGs of class indices in workdir/masks.
   c.export = ml_collections.ConfigDict()
   c.export.source = "refine"  # refine: the refine stage's masks | seed: the make_cam seeds as is
 
-  # Stages train_seg / eval_seg (METHOD.md 1.7): DeepLab-v2 on the exported pseudo masks.
+  # Stages train_seg / eval_seg (docs/method.md 1.7): DeepLab-v2 on the exported pseudo masks.
   c.seg = seg_stage.default_config()
 
   # The visual report at the end of a run (workdir/report/*.png, linked from summary.md).

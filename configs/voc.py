@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 with the paper's CAM recipe (METHOD.md 1.2): ResNet-50 OS16, crop 512,
+"""PASCAL VOC 2012 with the paper's CAM recipe (docs/method.md 1.2): ResNet-50 OS16, crop 512,
 batch 16, 5 epochs, lr 0.1 / 1.0 poly 0.9, weight decay 1e-4.
 
 python -m cpal_jax.main --config=configs/voc.py --config.data.root=/data/VOCdevkit/VOC2012
@@ -21,7 +21,7 @@ def get_config():
   c.data.eval_split = "train"
   c.data.val_split = "val"
   c.data.num_classes = 21
-  # Seeds and masks are scored on the fine VOC masks, not the SBD-merged ones (METHOD.md 5).
+  # Seeds and masks are scored on the fine VOC masks, not the SBD-merged ones (docs/method.md 5).
   c.data.mask_dir = "SegmentationClass"
   c.data.workers = 2
   c.model.backbone = "resnet50"

@@ -1,5 +1,5 @@
 """PASCAL VOC 2012 segmentation stage: DeepLab-v2 (ResNet-101, ASPP, output stride 8) trained on the
-pseudo masks the CAM pipeline exported into the same workdir, scored on val (METHOD.md 1.7).
+pseudo masks the CAM pipeline exported into the same workdir, scored on val (docs/method.md 1.7).
 
 kazuto1011's voc12.yaml recipe: crop 321, random scale from (0.5, 0.75, 1.0, 1.25, 1.5), flip,
 batch 10, 20k iterations, lr 2.5e-4 (ASPP 10x, its biases 20x), poly 0.9, momentum 0.9, weight

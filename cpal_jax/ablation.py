@@ -57,7 +57,7 @@ TABLES = {
         for m, v in (("l1", 59.6), ("l2", 58.7), ("cos", 61.9), ("dot", 62.5))
     ],
     # The paper's Table 4 seeds: SIPE 58.6, PPC 61.5 (on SEAM, with PCM; here on the SIPE network
-    # without it, METHOD.md 4), IRN + CPAL 62.5.
+    # without it, docs/method.md 4), IRN + CPAL 62.5.
     "4": [
         ("SIPE", "SIPE base", 58.6, {"method.name": "sipe"}),
         ("PPC", "SIPE base + PPC (paper: SEAM + PPC)", 61.5, {"method.name": "ppc"}),

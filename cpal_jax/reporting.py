@@ -14,7 +14,7 @@ import tqdm
 
 from cpal_jax.parallel import distributed
 
-# Figures a summary always names (DESIGN.md); null until their stage has run.
+# Figures a summary always names (the workdir contract: README, Workdir); null until their stage has run.
 SUMMARY_KEYS = ("seed_miou", "crf_miou", "mask_miou", "seg_val_miou")
 
 
@@ -129,7 +129,7 @@ _MD_ROWS = (
     ("export", "Mask", "mask_miou"),
     ("train_seg", "DeepLab-v2 training", None),
     ("eval_seg", "Segmentation (val)", "seg_val_miou"),
-    # The papers' segmentation figures are MSC + flip + dense CRF (METHOD.md 1.7).
+    # The papers' segmentation figures are MSC + flip + dense CRF (docs/method.md 1.7).
     ("eval_seg", "Segmentation (val) w/ CRF", "seg_val_miou_crf"),
 )
 
@@ -152,7 +152,7 @@ def summary_markdown(summary: dict, figures: dict | None = None) -> str:
   if used:
     lines += [
         "",
-        "Background thresholds (oracle sweep, see METHOD.md section 5): "
+        "Background thresholds (oracle sweep, see docs/method.md section 5): "
         + ", ".join(f"{k} t={v}" for k, v in used.items()),
     ]
   for name, v in (summary.get("baselines") or {}).items():

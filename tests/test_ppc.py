@@ -1,4 +1,4 @@
-"""PPC (METHOD.md 4) against plain-numpy float64 references and a line-by-line torch port of
+"""PPC (docs/method.md 4) against plain-numpy float64 references and a line-by-line torch port of
 usr922/wseg's contrast loss; gradient routing on the CAM network; the ppc train step on 1 vs 8
 devices and through the command line.
 

@@ -1,4 +1,4 @@
-"""SIPE functions against plain-numpy transcriptions of the original PyTorch code (METHOD.md 2).
+"""SIPE functions against plain-numpy transcriptions of the original PyTorch code (docs/method.md 2).
 
 References loop over images, classes and pixels in float64, so they share nothing with the jnp
 code but the formulas. NHWC throughout, channel 0 = background.
@@ -254,7 +254,7 @@ def test_hierarchical_feature_matches_reference():
 
 def test_hierarchical_feature_norm_is_sqrt_of_side_count():
   # All four sides at the target size: each block is a unit vector, so |F_hie|^2 = 4 (|F_hie| = 2,
-  # METHOD.md 2.1), i.e. the squared norm counts the sides.
+  # docs/method.md 2.1), i.e. the squared norm counts the sides.
   sides = [jnp.asarray(rand((B, H, W, d), 20 + d)) for d in (3, 4, 5, 2)]
   got = np.asarray(sipe.hierarchical_feature(sides, (H, W), image_ops.resize_bilinear))
   close((got.astype(np.float64) ** 2).sum(-1), 4.0, rtol=1e-4)

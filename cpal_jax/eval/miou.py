@@ -1,4 +1,4 @@
-"""Confusion-matrix mIoU exactly as the WSSS papers score (METHOD.md section 5).
+"""Confusion-matrix mIoU exactly as the WSSS papers score (docs/method.md section 5).
 
 One matrix accumulated over all pixels of all images (never a mean of per-image IoUs), ground
 truth 255 ignored, background included, nan-mean over classes that occur in GT or predictions.

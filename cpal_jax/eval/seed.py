@@ -2,7 +2,7 @@
 
 Maps with their own background channel (SIPE's IS-CAM) are scored by argmax; foreground-only maps
 (plain CAM) by a background threshold t swept over 0.00..0.59 (oracle: it uses GT, so the chosen t
-is recorded) with IRN's fixed t=0.15 reported beside it (METHOD.md 1.4, 5). Two trivial predictors
+is recorded) with IRN's fixed t=0.15 reported beside it (docs/method.md 1.4, 5). Two trivial predictors
 are scored on the same pixels so the figure has a floor to be read against.
 """
 

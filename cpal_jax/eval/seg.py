@@ -1,4 +1,4 @@
-"""Stage eval_seg: the trained DeepLab-v2 scored on data.val_split (METHOD.md 1.7 "Testing", 5).
+"""Stage eval_seg: the trained DeepLab-v2 scored on data.val_split (docs/method.md 1.7 "Testing", 5).
 
 Prediction, per image: MSC at `seg.eval.scales` (the input resized by each factor, the logits
 upsampled to those of the first scale and max-fused, as the network was trained), with

@@ -1,4 +1,4 @@
-"""Stage make_cam: multi-scale + flip seed maps of every image, one compressed file each (METHOD.md 1.3).
+"""Stage make_cam: multi-scale + flip seed maps of every image, one compressed file each (docs/method.md 1.3).
 
 For each scale s the image is PIL-bicubic rescaled to (round(H*s), round(W*s)) and run together with
 its horizontal flip; the two maps are summed after flipping the second back. The per-scale maps are

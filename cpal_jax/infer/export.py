@@ -3,7 +3,7 @@
 The masks come from `export.source`: the refine stage's output (random walk, or CRF in the CRF-only
 mode), or the seed itself (argmax of the make_cam maps with the background convention of eval_cam)
 for users who skip refinement. 255 (unsure) becomes background as IRN does before scoring, so the
-PNGs hold 0..C-1 only, with the VOC colours so they are not black in viewers (METHOD.md 1.6).
+PNGs hold 0..C-1 only, with the VOC colours so they are not black in viewers (docs/method.md 1.6).
 
 Writes are atomic and existing PNGs are kept, so a killed export resumes; each process writes its
 own share of the images. The masks of data.eval_split are scored (confusion-matrix mIoU) into

@@ -1,4 +1,4 @@
-"""CPAL's per-class support bank (METHOD.md 3.4): a FIFO ring buffer that lives in the train state.
+"""CPAL's per-class support bank (docs/method.md 3.4): a FIFO ring buffer that lives in the train state.
 
 Static shapes throughout, so pushes run inside the jitted train step. The class axis is padded to a
 multiple of the device count because the bank is sharded over the mesh along it (an axis of 20

@@ -2,9 +2,9 @@
 
 Pure functions over (projected features, CAMs, labels, CPAL state): any JAX CAM model that gives a
 [B, h, w, C-1] class map and a [B, h, w, D] feature map can use them. Equation numbers are the
-paper's; every reconstructed choice (METHOD.md section 3, tags [I]) is a config flag here.
+paper's; every reconstructed choice (docs/method.md section 3, tags [I]) is a config flag here.
 
-Per step (METHOD.md 3.11): instance prototypes (Eq. 4) -> top-K context prototypes of the class
+Per step (docs/method.md 3.11): instance prototypes (Eq. 4) -> top-K context prototypes of the class
 (Eq. 6) -> positiveness weights (Eq. 7) -> feature alignment shift (Eq. 12) -> prototype-aware CAM
 (Eq. 13) -> L1 self-supervision against the CAM (Eq. 14); the detached prototypes then go into the
 class banks (Eq. 5), which k-means turns into context prototypes at each epoch start.
@@ -26,7 +26,7 @@ FDA_TARGETS = ("pixels", "region", "anchor", "both")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """CPAL's flags (METHOD.md section 3); every reconstructed [I] choice is one. The pipeline
+  """CPAL's flags (docs/method.md section 3); every reconstructed [I] choice is one. The pipeline
   configs hold this under method.cpal."""
   p = ml_collections.ConfigDict()
   p.proj_head = "sipe_hie"  # sipe_hie (F_hie, 768-d for ResNet-50) | conv256 (1x1 conv + ReLU on x4)
@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   p.cold_start = "epoch"
   p.recluster_steps = 200
   p.min_bank_entries = 1  # a class needs this many bank entries to get context prototypes
-  # [I] RCA's push gate (METHOD.md 3.4): instance prototype (b, n) enters class n's bank only if the
+  # [I] RCA's push gate (docs/method.md 3.4): instance prototype (b, n) enters class n's bank only if the
   # classifier probability sigmoid(z_{b,n}) > push_min_prob; 0 = off (CPAL names no gate; RCA: 0.7).
   # The background row of bg_mode=bank_bg has no logit and is never gated.
   p.push_min_prob = 0.0
@@ -71,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
   # [I] make_cam first rebuilds the banks, centres and mu_c from one pass of the final weights over
   # the training split (infer/cam.refresh_bank) instead of reading the last epoch's.
   p.refresh_bank = False
-  # Background PACAM channel (METHOD.md 3.8): sipe_bg (SIPE's image-specific background prototype)
+  # Background PACAM channel (docs/method.md 3.8): sipe_bg (SIPE's image-specific background prototype)
   # | one_minus_max (1 - max_n PACAM_n) | bank_bg ([I] a background bank as class 0, stored as the
   # bank row after the C-1 foreground rows: the per-image prototype of the valid pixels outside every
   # Eq. 4 foreground mask is pushed, clustered and used by Eqs. 6-13 like a class; see cpal_maps).
@@ -80,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
   p.instance_weight = 0.5  # with include_instance_proto
   p.self_loss = True  # Eq. 14 (False: Table 1 rows II-IV train with L_BCE only)
   p.self_weight = 1.0  # beta of Eq. 1
-  # [I] SNCLR-style soft-neighbour InfoNCE (METHOD.md 3.1, 3.6 Claim 1), its own loss term "snclr":
+  # [I] SNCLR-style soft-neighbour InfoNCE (docs/method.md 3.1, 3.6 Claim 1), its own loss term "snclr":
   # per valid instance prototype p^n, cross-entropy of softmax_j(cos(p^n, c_j^n) / T) over all of
   # class n's context prototypes against the Eq. 7 weights of its top-K neighbours (detached,
   # summing to 1); mean over the valid (b, n). Trains p^n (the features), never the centres.
@@ -284,7 +284,7 @@ def gather_centers(centers, center_valid, idx, sel_valid):
 
 
 def snclr_loss(protos, valid, centers, center_valid, idx, weights, temperature: float):
-  """[I] SNCLR-style soft-neighbour InfoNCE (METHOD.md 3.1, 3.6 Claim 1).
+  """[I] SNCLR-style soft-neighbour InfoNCE (docs/method.md 3.1, 3.6 Claim 1).
 
   For each (b, n) with valid[b, n] and a neighbour: targets t_j = sum of the weights of the slots
   that picked centre j (Eq. 7's w_k^n over the top-K, renormalised to sum 1), logits
@@ -434,7 +434,7 @@ def cpal_maps(
     bg = (1.0 - jnp.max(fg, axis=-1, keepdims=True)) * mask[..., :1]
   pacam = jnp.concatenate([bg, fg], axis=-1)
   # Channels L_self may compare: present classes that have context prototypes, and the background
-  # of images that have at least one (none during the cold start: L_BCE alone, METHOD.md 3.4);
+  # of images that have at least one (none during the cold start: L_BCE alone, docs/method.md 3.4);
   # bank_bg's background channel, like a class, where its own context prototypes were used.
   if not bank_bg:
     bg_usable = jnp.any(usable, axis=-1, keepdims=True)

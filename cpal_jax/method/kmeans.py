@@ -1,4 +1,4 @@
-"""Masked k-means for the support bank (METHOD.md 3.4): a Lloyd loop run to convergence, vmapped over classes.
+"""Masked k-means for the support bank (docs/method.md 3.4): a Lloyd loop run to convergence, vmapped over classes.
 
 Every function sees a whole ring buffer `points` [capacity, dim] and a fill `count`; only slots
 < count are data. Empty slots are zeroed before any arithmetic, so whatever they hold (stale or

@@ -55,7 +55,7 @@ def compute_losses(config, out: dict, features, labels, valid, extra, view2=None
   m = config.method
   terms = {"cls": sipe.multilabel_soft_margin(out["score"], labels)}
   if m.name == "ppc":
-    # The two-view BCE (METHOD.md 4.3).
+    # The two-view BCE (docs/method.md 4.3).
     terms["cls"] = 0.5 * (terms["cls"] + sipe.multilabel_soft_margin(view2["score"], labels))
   total = m.cls_weight * terms["cls"]
   aux = {}
@@ -104,7 +104,7 @@ def after_step(config, extra, aux):
 
 
 def recluster_due(config, step: int, steps_per_epoch: int) -> bool:
-  """Whether the context prototypes are rebuilt before `step` (METHOD.md 3.4 cold start)."""
+  """Whether the context prototypes are rebuilt before `step` (docs/method.md 3.4 cold start)."""
   if config.method.name != "cpal" or step == 0:
     return False
   p = config.method.cpal

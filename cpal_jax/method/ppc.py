@@ -1,4 +1,4 @@
-"""PPC (Du et al., CVPR 2022): pixel-to-prototype contrast as a plug-in regulariser (METHOD.md 4).
+"""PPC (Du et al., CVPR 2022): pixel-to-prototype contrast as a plug-in regulariser (docs/method.md 4).
 
 Follows usr922/wseg's SEAM variant (`contrast_train.py`): a second, smaller view of the same crop;
 per view, pseudo labels from the CAM with a constant background score and batch-wide class
@@ -38,7 +38,7 @@ NEG = -1e30  # logit of an invalid prototype: exp() is exactly 0, no NaN in logs
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """PPC's hyper-parameters (METHOD.md 4.2-4.6); the pipeline configs hold this under method.ppc."""
+  """PPC's hyper-parameters (docs/method.md 4.2-4.6); the pipeline configs hold this under method.ppc."""
   p = ml_collections.ConfigDict()
   p.proj_dim = 128  # fc_proj: 1x1 conv on x4 -> 128, then ReLU
   p.temperature = 0.1
@@ -113,7 +113,7 @@ def seam_max_norm(cam: jnp.ndarray) -> jnp.ndarray:
 
 
 def class_scores(cam_fg: jnp.ndarray, cfg, valid: jnp.ndarray | None = None) -> jnp.ndarray:
-  """[B, h, w, C-1] CAM (cam_rv's stand-in) -> [B, h, w, C] scores: background first (METHOD.md
+  """[B, h, w, C-1] CAM (cam_rv's stand-in) -> [B, h, w, C] scores: background first (docs/method.md
   4.4 steps 1-2). Not label-masked: the reference ranks prototype pixels on these. valid: the
   normalisation's statistics come from these pixels only (ignore_padding)."""
   if cfg.pseudo_norm == "minmax":
@@ -164,7 +164,7 @@ def top_k_count(h: int, w: int, fraction: float) -> int:
 
 
 def prototypes(scores: jnp.ndarray, feats: jnp.ndarray, k: int, eligible: jnp.ndarray | None = None):
-  """Batch-wide class prototypes (METHOD.md 4.4 step 4), no gradient.
+  """Batch-wide class prototypes (docs/method.md 4.4 step 4), no gradient.
 
   scores [B, h, w, C] ranking scores (-inf: not a candidate); feats [B, h, w, D] raw projected
   features; eligible [B, h, w] bool or None. For every class, the top-k pixels of the whole batch
@@ -234,7 +234,7 @@ def _rank_within_class(group, key_vals, num_groups: int):
 def hard_pixel_selection(
     pos, sim, eligible, u, num_classes: int, sample_fraction: float, pool_fraction: float
 ):
-  """Hard pixel sampling (METHOD.md 4.5.3), per class c with n_c pixels:
+  """Hard pixel sampling (docs/method.md 4.5.3), per class c with n_c pixels:
   - random: the n_c//2 pixels of c with the smallest u (uniform draws: a random subset);
   - semi-hard: ascending by sim, ranks [floor(0.6 n_c) - n_c//2, floor(0.6 n_c)), i.e. the lowest
     60% without its hardest ~10%.
@@ -286,7 +286,7 @@ def equivariance_loss(cam1, cam2, labels, size: tuple[int, int]):
 
 
 def contrast_losses(cam1, feats1, cam2, feats2, labels, key, cfg, valid=None) -> dict:
-  """The three contrast terms of METHOD.md 4.5 and their weighted sum (4.6).
+  """The three contrast terms of docs/method.md 4.5 and their weighted sum (4.6).
 
   cam1 [B, H1, W1, C-1], feats1 [B, H1, W1, D]: view 1's raw CAM and projected features (ReLU
   outputs); cam2, feats2: view 2's at [B, h, w, ...]; view 1's are resized to (h, w) (bilinear,

@@ -1,4 +1,4 @@
-"""SIPE (Chen et al., CVPR 2022): the base network CPAL extends (METHOD.md section 2).
+"""SIPE (Chen et al., CVPR 2022): the base network CPAL extends (docs/method.md section 2).
 
 Pure jnp functions over NHWC maps, so the CAM network, the CPAL branch and any other CAM model can
 share them. Channel 0 of every C-channel map is background; foreground-only maps have C-1.

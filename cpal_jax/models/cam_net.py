@@ -1,4 +1,4 @@
-"""The CAM network: ResNet backbone, 1x1 classifier, and SIPE's side heads (METHOD.md 2.1-2.2).
+"""The CAM network: ResNet backbone, 1x1 classifier, and SIPE's side heads (docs/method.md 2.1-2.2).
 
 The module only computes features; the SIPE/CPAL/PPC math lives in `cpal_jax.method` as pure
 functions over its outputs, which is what lets CPAL plug into other CAM models.

@@ -1,4 +1,4 @@
-"""DeepLab-v2 (METHOD.md 1.7): a dilated ResNet at output stride 8 under ASPP, the segmentation network
+"""DeepLab-v2 (docs/method.md 1.7): a dilated ResNet at output stride 8 under ASPP, the segmentation network
 trained on the exported pseudo masks.
 
 ASPP is four 3x3 convolutions (dilations 6/12/18/24, with bias) from the last stage straight to the

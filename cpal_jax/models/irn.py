@@ -1,5 +1,5 @@
 """IRN's class-boundary network (the edge branch of `EdgeDisplacement`, jiwoon-ahn/irn
-net/resnet50_irn.py), METHOD.md 1.5 D3.
+net/resnet50_irn.py), docs/method.md 1.5 D3.
 
 A frozen ResNet feeds five 1x1 heads, one per stage (stem, layer1..4): conv -> 32 channels,
 GroupNorm(4), bilinear upsampling of the deeper ones to the stem's stride-4 grid, ReLU; their 160
@@ -10,7 +10,7 @@ detaches all five stages and keeps `self.backbone.eval()` in training: only the 
 boundaries come from (ImageNet) features that the IR labels cannot overfit.
 
 IRN's displacement-field branch is left out: it feeds instance segmentation only, and the semantic
-masks of the random walk never read it (METHOD.md D3, IRN issue #19); its loss terms, which IRN
+masks of the random walk never read it (docs/method.md 1.5 D3, IRN issue #19); its loss terms, which IRN
 adds to the total, do not reach the edge branch's parameters either.
 
 Parameter names follow the PyTorch module (`fc_edge1/conv`, `fc_edge1/gn`, ..., `fc_edge6`) so a

@@ -1,4 +1,4 @@
-"""IRN's pixel-pair machinery (METHOD.md 1.5 D3/D4): search directions, line paths, edge -> affinity,
+"""IRN's pixel-pair machinery (docs/method.md 1.5 D3/D4): search directions, line paths, edge -> affinity,
 affinity labels and the boundary-network loss, as jnp functions with static shapes.
 
 Layout. Every per-pair array is [B, N, h, w]: index (b, n, y, x) is the pair (p, p + d_n) with source

@@ -1,4 +1,4 @@
-"""Dense CRF on seed maps (METHOD.md 1.5 D1, D2): PSA's probability CRF for the "w/ CRF" column and
+"""Dense CRF on seed maps (docs/method.md 1.5 D1, D2): PSA's probability CRF for the "w/ CRF" column and
 IRN's label CRF for cam_to_ir_label, with a process pool to run them over a split.
 
 pydensecrf (the pydensecrf2 fork) is single-threaded C++ at about 1.5 s per VOC image with 21
@@ -116,7 +116,7 @@ def label_crf(
 
 
 def seed_probs(maps: np.ndarray, has_background: bool, threshold: float) -> np.ndarray:
-  """The volume the "w/ CRF" column feeds to prob_crf, built as the seed is (METHOD.md 1.4, 5).
+  """The volume the "w/ CRF" column feeds to prob_crf, built as the seed is (docs/method.md 1.4, 5).
 
   maps [K, H, W] in [0, 1]. Foreground-only maps get a constant background plane `threshold`
   prepended ([K+1, H, W]) with IRN's np.pad, so the plane has the maps' dtype; maps whose channel
@@ -143,7 +143,7 @@ def ir_label(
     bg_scale: float = 0.5,
     **crf_kwargs,
 ) -> np.ndarray:
-  """cam_to_ir_label (METHOD.md 1.5 D2): confident foreground, confident background and 255
+  """cam_to_ir_label (docs/method.md 1.5 D2): confident foreground, confident background and 255
   (unsure) between them, uint8 [H, W] in channel indices (see the module docstring).
 
   Foreground-only maps (IRN): fg_conf = CRF(argmax [fg_threshold plane; maps]) and bg_conf =

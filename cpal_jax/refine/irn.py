@@ -1,4 +1,4 @@
-"""IRN's boundary network: trained on the IR labels (METHOD.md 1.5 D3), and its edge maps for the
+"""IRN's boundary network: trained on the IR labels (docs/method.md 1.5 D3), and its edge maps for the
 random walk (D4 step 1).
 
 Training reads `{workdir}/irn/ir_label/<id>.png` (uint8: 0 background, class ids, 255 unsure), made

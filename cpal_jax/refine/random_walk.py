@@ -1,4 +1,4 @@
-"""IRN's random walk (METHOD.md 1.5 D4, IRN's `indexing.propagate_to_edge` and `make_sem_seg_labels`),
+"""IRN's random walk (docs/method.md 1.5 D4, IRN's `indexing.propagate_to_edge` and `make_sem_seg_labels`),
 computed on the sparse radius stencil instead of IRN's dense h·w × h·w transition matrix.
 
 IRN's convention, reproduced exactly:

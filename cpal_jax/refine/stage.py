@@ -1,4 +1,4 @@
-"""Stage refine: from the make_cam maps to refined class-index masks (METHOD.md 1.5).
+"""Stage refine: from the make_cam maps to refined class-index masks (docs/method.md 1.5).
 
 refine.mode = "irn" (the papers' pipeline):
   1. "w/ CRF": PSA's probability CRF on the seeds of data.eval_split -> crf_miou.
@@ -133,7 +133,7 @@ def make_ir_labels(config, workdir: str, split: str) -> None:
 
 
 def walk_labels(config, maps: dict, edge: np.ndarray, size: tuple[int, int], bucket: int) -> np.ndarray:
-  """Class ids of one image after the random walk (METHOD.md 1.5 D4 steps 2-6)."""
+  """Class ids of one image after the random walk (docs/method.md 1.5 D4 steps 2-6)."""
   w = config.refine.walk
   cams, keys = maps["cam"], maps["keys"]
   with_bg = bool(len(keys) and keys[0] == 0)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def make_train_step(model, tx: optax.GradientTransformation, config):
 
   def second_view(params, batch_stats, images, valid_px):
-    """PPC's view 2: the same crop, smaller (METHOD.md 4.2), through the same network. BatchNorm
+    """PPC's view 2: the same crop, smaller (docs/method.md 4.2), through the same network. BatchNorm
     statistics chain through both passes, as the reference's two forward calls update them."""
     size = ppc.view2_size(images.shape[1:3], cam_net.output_stride(config), config.method.ppc)
     images2, valid2 = ppc.second_view(images, valid_px, size)

@@ -1,4 +1,4 @@
-"""SGD as the WSSS reference code runs it (METHOD.md 1.2): two lr groups, poly decay, weight decay
+"""SGD as the WSSS reference code runs it (docs/method.md 1.2): two lr groups, poly decay, weight decay
 only on parameters that receive gradients, global-norm clipping of the raw gradients first."""
 
 import jax

@@ -1,4 +1,4 @@
-"""Stage train_seg: DeepLab-v2 trained on the exported pseudo masks (METHOD.md 1.7).
+"""Stage train_seg: DeepLab-v2 trained on the exported pseudo masks (docs/method.md 1.7).
 
 The recipe is kazuto1011/deeplab-pytorch's `voc12.yaml`, which the WSSS papers use for their
 segmentation numbers:
@@ -49,7 +49,7 @@ IGNORE = transforms.IGNORE_INDEX
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """config.seg: the paper's DeepLab-v2 recipe on VOC (METHOD.md 1.7)."""
+  """config.seg: the paper's DeepLab-v2 recipe on VOC (docs/method.md 1.7)."""
   c = ml_collections.ConfigDict()
   c.backbone = "resnet101"  # any of models.resnet.ARCHS
   # caffe: the DeepLab (MSRA) ResNet-101 init; torchvision: torchvision ResNet weights (models/deeplab.py)
