@@ -30,6 +30,7 @@ def get_config():
   # it from COCO_<subset>_ file stems.
   c.data.coco_subset = "auto"
   c.train.epochs = 5  # train.num_steps stays 0: 25,650 steps on the 82,081 images
-  # SIPE skips IRN on COCO (its cost on 82k images): the CRF-refined seeds are the pseudo masks.
-  c.refine.mode = "crf"
+  # SIPE skips IRN on COCO (its cost on 82k images): cam2ir.py's IR labels (two label CRFs, 255
+  # where they disagree) are the pseudo masks, their unsure pixels ignored by DeepLab's loss.
+  c.refine.mode = "ir_label"
   return c

@@ -117,7 +117,9 @@ def base() -> ml_collections.ConfigDict:
 
   # Stage refine (docs/method.md 1.5): dense CRF ("w/ CRF"), IRN labels, boundary net, random walk.
   c.refine = ml_collections.ConfigDict()
-  c.refine.mode = "irn"  # irn: CRF labels -> boundary net -> random walk | crf: dense CRF only
+  # irn: CRF labels -> boundary net -> random walk | ir_label: the CRF labels alone (SIPE's COCO
+  # path) | crf: PSA's probability CRF of the seeds
+  c.refine.mode = "irn"
   c.refine.workers = 0  # CRF processes; 0 = all cores
   c.refine.crf = ml_collections.ConfigDict()  # PSA's probability CRF (the "w/ CRF" column)
   c.refine.crf.iters = 10

@@ -436,7 +436,7 @@ def test_config_and_make_source(tiny_coco, tmp_path):
       "train2014",
       "val2014",
   )
-  assert c.data.num_classes == 81 and c.refine.mode == "crf" and c.data.mask_dir == "auto"
+  assert c.data.num_classes == 81 and c.refine.mode == "ir_label" and c.data.mask_dir == "auto"
   assert c.train.num_steps == 0 and 82081 // c.train.batch_size * c.train.epochs == 25650
   with pytest.raises(ValueError, match="data.root is empty"):
     pipeline.make_source(c, "train2014")

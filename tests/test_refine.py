@@ -75,3 +75,27 @@ def test_host_post_processing_equals_the_jax_one():
   ref = np.asarray(random_walk.to_mask_scores(rw, (34, 41)))
   host = image_ops.resize_bilinear_host(rw, (36, 44))[:, :34, :41]
   np.testing.assert_allclose(host / host.max(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_ir_label_mode_exports_sipe_coco_pseudo_masks_with_unsure_pixels(tmp_path):
+  """refine.mode=ir_label (SIPE's COCO path): no boundary net; the IR labels are the pseudo masks,
+  exported with 255 kept for the segmentation loss to ignore, scored with 255 as background."""
+  from cpal_jax.infer import export
+
+  config = tiny_config(**{"refine.mode": "ir_label", "refine.workers": 1, "data.num_train": 4, "data.num_eval": 4})
+  config.cam.split = config.data.train_split
+  workdir = str(tmp_path)
+  write_gt_maps(config, workdir, noise=0.6, seed=1)
+  out = refine.run(config, workdir)
+  assert out["refine"]["mode"] == "ir_label" and out["crf_miou"] is not None
+  assert not os.path.exists(irn.ckpt_dir(workdir))  # no boundary network
+  result = export.run(config, workdir)
+  ids = sorted(f for f in os.listdir(export.masks_dir(workdir)) if f.endswith(".png"))
+  unsure = 0
+  for f in ids:
+    exported = palette.load_label_png(os.path.join(export.masks_dir(workdir), f))
+    ir = palette.load_label_png(os.path.join(irn.ir_label_dir(workdir), f))
+    np.testing.assert_array_equal(exported, ir)
+    unsure += int((exported == 255).sum())
+  assert unsure > 0  # the band the two CRFs disagree on survives the export
+  assert 0 <= result["mask_miou"] <= 100

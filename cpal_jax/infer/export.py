@@ -31,7 +31,14 @@ def masks_dir(workdir: str) -> str:
 
 def refined_dir(config, workdir: str) -> str:
   """Where the refine stage leaves its class-index PNGs for config.refine.mode."""
-  return os.path.join(workdir, "refine", "rw" if config.refine.mode == "irn" else "crf")
+  where = {"irn": ("refine", "rw"), "crf": ("refine", "crf"), "ir_label": ("irn", "ir_label")}
+  return os.path.join(workdir, *where[config.refine.mode])
+
+
+def keeps_unsure(config) -> bool:
+  """SIPE's COCO pseudo masks (refine.mode=ir_label) keep 255 where the two label CRFs disagree,
+  which the segmentation loss ignores; every other mask is exported with 255 as background."""
+  return config.export.source == "refine" and config.refine.mode == "ir_label"
 
 
 def seed_threshold(config, workdir: str) -> float:
@@ -75,7 +82,8 @@ def run(config, workdir: str) -> dict:
   bar = reporting.progress(len(mine), "export", initial=len(mine) - len(todo))
   for n, image_id in enumerate(todo, 1):
     mask = _mask_of(config, workdir, image_id, threshold)
-    mask = np.where(mask == miou.IGNORE, 0, mask)
+    if not keeps_unsure(config):
+      mask = np.where(mask == miou.IGNORE, 0, mask)
     palette.save_label_png(os.path.join(out_dir, f"{image_id}.png"), mask)
     faults.point(f"export/image/{n}")
     if n == min(8, len(todo)):
@@ -107,6 +115,7 @@ def score(config, workdir: str) -> dict:
           f"part of the exported split ({config.cam.split or config.data.train_split})"
       )
     pred = palette.load_label_png(path)
+    pred = np.where(pred == miou.IGNORE, 0, pred)  # unsure pixels count as background here
     if pred.shape != el["mask"].shape:
       raise ValueError(
           f"{path} is {pred.shape} but the image is {el['mask'].shape}; delete it and re-run export"

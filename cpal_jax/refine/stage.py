@@ -7,7 +7,10 @@ refine.mode = "irn" (the papers' pipeline):
   3. The boundary network trained on them (cpal_jax.refine.irn, orbax checkpoints, resumable).
   4. The random walk of each image's stride-4 map over its edge map's affinities
      -> workdir/refine/rw/<id>.png.
-refine.mode = "crf" (SIPE's COCO path): the probability CRF on every image of the labelled split
+refine.mode = "ir_label" (SIPE's COCO path, run_coco.sh: "for MS COCO dataset, we replace IRN with
+  denseCRF"): steps 1 and 2 only; the IR labels of cam2ir.py are the pseudo masks, their unsure
+  pixels (255) ignored by the segmentation loss.
+refine.mode = "crf": the probability CRF on every image of the labelled split
   -> workdir/refine/crf/<id>.png; crf_miou from the eval_split subset.
 
 The CRFs run in a process pool over all cores (pydensecrf is single-threaded); the random walk runs
@@ -30,7 +33,7 @@ from cpal_jax.infer import export
 from cpal_jax.refine import crf, irn, random_walk
 
 log = logging.getLogger(__name__)
-MODES = ("irn", "crf")
+MODES = ("irn", "ir_label", "crf")
 
 
 def crf_dir(workdir: str) -> str:
@@ -191,6 +194,9 @@ def run(config, workdir: str) -> dict:
   out = {"refine": {"mode": mode, "split": split}}
   if mode == "crf":
     out.update(run_crf(config, workdir, split))
+  elif mode == "ir_label":
+    out.update(run_crf(config, workdir, config.data.eval_split))
+    make_ir_labels(config, workdir, split)
   else:
     out.update(run_crf(config, workdir, config.data.eval_split))
     make_ir_labels(config, workdir, split)
