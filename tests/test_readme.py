@@ -1,4 +1,4 @@
-"""README's code stays true: the CPAL and PPC plug-in examples run as written."""
+"""The docs' code stays true: the CPAL (README) and PPC (docs/method.md) plug-in examples run as written."""
 
 import re
 from pathlib import Path
@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_block(marker: str) -> dict:
-  """Executes README's python block after `<!-- {marker} -->`; returns its globals."""
-  match = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", README.read_text(), re.S)
-  assert match, f"the {marker} block is missing from README.md"
+def run_block(marker: str, doc: str = "README.md") -> dict:
+  """Executes the python block after `<!-- {marker} -->` in `doc`; returns its globals."""
+  match = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", (ROOT / doc).read_text(), re.S)
+  assert match, f"the {marker} block is missing from {doc}"
   scope = {}
   exec(compile(match.group(1), f"README {marker}", "exec"), scope)
   return scope
@@ -29,7 +29,7 @@ def test_plug_in_example_runs():
 
 @pytest.mark.slow
 def test_ppc_plug_in_example_runs():
-  scope = run_block("ppc plug-in example")
+  scope = run_block("ppc plug-in example", "docs/method.md")
   terms = scope["terms"]
   assert set(terms) == {"ppc_cross_proto", "ppc_cross_label", "ppc_intra", "ppc_nce"}
   assert all(np.isfinite(float(v)) for v in terms.values()) and float(terms["ppc_nce"]) > 0
