@@ -225,9 +225,16 @@ def np_cpal_maps(cam, feats, labels, valid, st, cfg, bg_feature=None, frozen=Non
       "pacam": np.concatenate([bg, fg], axis=-1),
       "protos": protos,
       "proto_valid": pvalid,
-      "loss_mask": np.concatenate([np.ones((b, 1), bool), usable], axis=-1),
+      "loss_mask": np.concatenate([np_background_gate(usable), usable], axis=-1),
   }
   return maps, internals
+
+
+def np_background_gate(usable):
+  """Eq. 14's background channel (sipe_bg, one_minus_max): compared only in images with at least
+  one usable class (none during the cold start)."""
+  b, k = usable.shape
+  return np.array([[any(usable[i, n] for n in range(k))] for i in range(b)], bool)
 
 
 # ------------------------------------------------------------------ helpers
@@ -259,6 +266,18 @@ def make_inputs(seed=0):
   valid = np.ones((B, H, W), np.float32)
   valid[2, :, -1] = 0
   return cam, feats, labels, valid
+
+
+def add_unusable_image(cam, feats, labels, valid, seed):
+  """One more image whose only present class (2: no context prototypes in make_state) has an empty
+  Eq. 4 mask (all-negative CAM): no class is usable there, with or without neighbours, so Eq. 14's
+  per-image gate switches its background channel off."""
+  c1 = rand((1, H, W, K), seed)
+  c1[..., 2] = -1.0
+  f1 = rand((1, H, W, D), seed + 1, offset=0.3)
+  l1 = np.array([[0, 0, 1]], np.float32)
+  v1 = np.ones((1, H, W), np.float32)
+  return (np.concatenate(a) for a in ((cam, c1), (feats, f1), (labels, l1), (valid, v1)))
 
 
 def make_state(seed=10, pad_to=1):
@@ -519,24 +538,45 @@ def test_prototype_cam_zero_feature():
   assert np.isfinite(gf).all() and np.abs(gf).max() > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known float32 limit: prototype_cam's expansion |f+g*xi|^2 = |f|^2 + 2g f.xi + g^2|xi|^2 cancels "
-        "when f(i) ~ -g*xi_n; a relative floor bounds the error (was ~1e2, now 3e-5) but Eq. 13 gives "
-        "exactly 0 there"
-    ),
-)
-def test_prototype_cam_shift_cancelling_the_feature():
-  """f(i) = -gamma xi_n exactly: the shifted feature is 0, so Eq. 13 gives 0 (torch's eps clamp)."""
-  b, d, t = 8, 64, 3  # one pixel per image, a per-image shift [B, 1, D]; D large enough to round
-  xi = rand((b, 1, d), 100, scale=3.0)
+def _cancelling_case(seed):
+  """f(i) = -gamma xi_n exactly (gamma 1): the shifted feature is 0, so Eq. 13 gives 0 (torch's eps
+  clamp). One pixel per image, a per-image shift [B, 1, D]; D large enough to round."""
+  b, d, t = 8, 64, 3
+  xi = rand((b, 1, d), seed, scale=3.0)
   feats = -xi[:, None]  # [b, 1, 1, d]: negation is exact in float32
-  selected = rand((b, 1, t, d), 101)
+  selected = rand((b, 1, t, d), seed + 1)
   weights = np.full((b, 1, t), 1.0 / t, np.float32)
   got = cpal.prototype_cam(*(jnp.asarray(a) for a in (feats, selected, weights, xi)), 1.0)
   want = np_prototype_cam(feats, selected, weights, xi, 1.0)
   assert want.max() == 0.0
+  return np.asarray(got, np.float64), want
+
+
+# The documented limit (prototype_cam's comment on the relative floor of |f + g xi|): the float32
+# expansion |f|^2 + 2g f.xi + g^2|xi|^2 cancels when f ~ -g xi, and the floor
+# 1e-3 * sqrt(|f|^2 + g^2|xi|^2) keeps the error at ~3e-5 here (it was ~1e2 without the floor).
+CANCEL_ERROR_BOUND = 1e-4
+
+
+@pytest.mark.parametrize("seed", [100, 200, 300])
+def test_prototype_cam_shift_cancelling_the_feature_error_is_bounded(seed):
+  got, want = _cancelling_case(seed)
+  assert np.isfinite(got).all()
+  err = np.abs(got - want).max()
+  assert err <= CANCEL_ERROR_BOUND, f"|PACAM - 0| = {err:.3g} where f = -gamma xi: is the floor gone?"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "known float32 limit: prototype_cam's expansion |f+g*xi|^2 = |f|^2 + 2g f.xi + g^2|xi|^2 cancels "
+        "when f(i) ~ -g*xi_n; a relative floor bounds the error (was ~1e2, now 3e-5: "
+        "test_prototype_cam_shift_cancelling_the_feature_error_is_bounded) but Eq. 13 gives exactly 0 there"
+    ),
+)
+def test_prototype_cam_shift_cancelling_the_feature():
+  """Exactly 0 (within close()'s 1e-6), which the float32 expansion does not reach."""
+  got, want = _cancelling_case(100)
   close(got, want)
 
 
@@ -587,7 +627,7 @@ MAP_CASES = {
 @pytest.mark.parametrize("case", list(MAP_CASES))
 def test_cpal_maps(case):
   cfg = make_cfg(**MAP_CASES[case])
-  cam, feats, labels, valid = make_inputs(30)
+  cam, feats, labels, valid = add_unusable_image(*make_inputs(30), seed=37)
   st, np_st = make_state()
   got = run_maps(cam, feats, labels, valid, st, cfg)
   want, _ = np_cpal_maps(cam, feats, labels, valid, np_st, cfg)
@@ -595,8 +635,10 @@ def test_cpal_maps(case):
     close(got[key], want[key], rtol=1e-4, atol=1e-5)
   for key in ("proto_valid", "loss_mask"):
     np.testing.assert_array_equal(np.asarray(got[key]), want[key])
-  # The fixture has something on every path: usable classes, an unready one, an empty mask.
+  # The fixture has something on every path: usable classes, an unready one, an empty mask, and an
+  # image with no usable class (Eq. 14's background gate off there, on in the others).
   assert want["loss_mask"][:, 1:].sum() >= 2
+  np.testing.assert_array_equal(want["loss_mask"][:, 0], [True, True, True, False])
   assert (want["proto_valid"] & ~want["loss_mask"][:, 1:]).any() == cfg.neighbours
   assert np.abs(want["pacam"][..., 1:]).max() > 0.5
 
@@ -732,6 +774,26 @@ def test_self_loss_zero_at_cold_start(bg_mode):
 
 
 # ------------------------------------------------------------------ Eq. 5: bank and k-means
+
+
+@pytest.mark.parametrize(
+    "method,cold_start,every,want",
+    [
+        # epoch: the context prototypes are rebuilt at each epoch start after the first, never at 0.
+        ("cpal", "epoch", 3, [10, 20, 30]),
+        # steps: also every recluster_steps inside epoch 1 (not after), and the epoch starts.
+        ("cpal", "steps", 3, [3, 6, 9, 10, 20, 30]),
+        ("cpal", "steps", 4, [4, 8, 10, 20, 30]),
+        ("cpal", "steps", 25, [10, 20, 30]),  # longer than an epoch: the epoch starts only
+        ("sipe", "steps", 3, []),  # no bank, no k-means
+    ],
+)
+def test_recluster_due(method, cold_start, every, want):
+  config = cpal_config(**{"method.name": method})
+  config.method.cpal.cold_start = cold_start
+  config.method.cpal.recluster_steps = every
+  got = [step for step in range(32) if objectives.recluster_due(config, step, steps_per_epoch=10)]
+  assert got == want
 
 
 def test_push_and_recluster():

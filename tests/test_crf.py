@@ -66,6 +66,114 @@ def test_label_crf_cleans_noisy_labels():
   assert acc_crf - acc_noisy > 0.15
 
 
+# ---------------------------------------------------------- the upstream calls, transcribed
+
+
+def psa_crf_inference(img, probs, t=10, scale_factor=1, labels=21):
+  """PSA's tool/imutils.crf_inference, as upstream writes it (pydensecrf called directly)."""
+  import pydensecrf.densecrf as dcrf
+  from pydensecrf.utils import unary_from_softmax
+
+  h, w = img.shape[:2]
+  n_labels = labels
+  d = dcrf.DenseCRF2D(w, h, n_labels)
+  unary = unary_from_softmax(probs)
+  unary = np.ascontiguousarray(unary)
+  d.setUnaryEnergy(unary)
+  d.addPairwiseGaussian(sxy=3 / scale_factor, compat=3)
+  d.addPairwiseBilateral(sxy=80 / scale_factor, srgb=13, rgbim=np.copy(img), compat=10)
+  Q = d.inference(t)
+  return np.array(Q).reshape((n_labels, h, w))
+
+
+def irn_crf_inference_label(img, labels, t=10, n_labels=21, gt_prob=0.7):
+  """IRN's misc/imutils.crf_inference_label, as upstream writes it."""
+  import pydensecrf.densecrf as dcrf
+  from pydensecrf.utils import unary_from_labels
+
+  h, w = img.shape[:2]
+  d = dcrf.DenseCRF2D(w, h, n_labels)
+  unary = unary_from_labels(labels, n_labels, gt_prob=gt_prob, zero_unsure=False)
+  d.setUnaryEnergy(unary)
+  d.addPairwiseGaussian(sxy=3, compat=3)
+  d.addPairwiseBilateral(sxy=50, srgb=5, rgbim=np.ascontiguousarray(np.copy(img)), compat=10)
+  q = d.inference(t)
+  return np.argmax(np.array(q).reshape((n_labels, h, w)), axis=0)
+
+
+def textured_case(seed, k):
+  """An image with edges and texture (no term is idle) and soft, noisy maps with exact zeros."""
+  image, truth = two_region_image(seed)
+  rng = np.random.default_rng(seed + 100)
+  image = np.clip(image.astype(np.int64) + rng.integers(-25, 26, image.shape), 0, 255).astype(np.uint8)
+  probs = rng.random((k, H, W)).astype(np.float32) ** 2
+  probs[truth[None] == np.arange(k)[:, None, None] % 2] += 0.35
+  probs[1, :6, :10] = 0.0  # clipped at 1e-5 by both
+  return image, truth, probs
+
+
+def test_prob_crf_is_psas_crf_inference():
+  """prob_crf's defaults (3/3 Gaussian, 80/13/10 bilateral, 10 steps, clip 1e-5) are PSA's call."""
+  k = 4
+  image, _, probs = textured_case(5, k)
+  got = crf.prob_crf(image, probs)
+  want = psa_crf_inference(image, probs, labels=k)
+  np.testing.assert_array_equal(got, want.astype(np.float32))
+  for iters in (1, 5):
+    np.testing.assert_array_equal(
+        crf.prob_crf(image, probs, iters=iters), psa_crf_inference(image, probs, t=iters, labels=k)
+    )
+  # The case tells the parameter sets apart (IRN's 50/5 bilateral moves the marginals).
+  other = crf.prob_crf(image, probs, bi_sxy=50, bi_srgb=5)
+  assert np.abs(other - want).max() > 1e-3
+
+
+def test_label_crf_is_irns_crf_inference_label():
+  """label_crf's defaults (gt_prob 0.7, 3/3 Gaussian, 50/5/10 bilateral, 10 steps) are IRN's call."""
+  k = 4
+  image, _, probs = textured_case(6, k)
+  labels = np.argmax(probs, 0)
+  got = crf.label_crf(image, labels, k)
+  want = irn_crf_inference_label(image, labels, n_labels=k)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(
+      crf.label_crf(image, labels, k, gt_prob=0.9, iters=3), irn_crf_inference_label(image, labels, 3, k, 0.9)
+  )
+  # The case tells the parameter sets apart: PSA's bilateral, or another gt_prob, move labels.
+  assert (crf.label_crf(image, labels, k, bi_sxy=80, bi_srgb=13) != want).any()
+  assert (irn_crf_inference_label(image, labels, n_labels=k, gt_prob=0.5) != want).any()
+
+
+def test_ir_label_is_irns_cam_to_ir_label():
+  """IRN's cam_to_ir_label composed from the transcribed call: fg_conf / bg_conf from the argmax of
+  the maps padded with conf_fg_thres 0.30 / conf_bg_thres 0.05, then 255 / 0 as IRN sets them."""
+  k = 3
+  image, band = banded_image(5)
+  rng = np.random.default_rng(8)
+  # Low-contrast bands under strong pixel noise: the CRF's answer depends on its parameters.
+  image = np.clip(0.4 * image + 80 + rng.normal(0, 30, image.shape), 0, 255).astype(np.uint8)
+  # Bands: channel 0, 1, 2 confident, then unsure (0.15), then background (0.01); times noise for
+  # the CRF to clean, so the two CRF calls have work to do.
+  values = np.array([[0.9, 0.2, 0.1, 0.15, 0.01], [0.1, 0.8, 0.1, 0.10, 0.02], [0.2, 0.1, 0.9, 0.1, 0.0]])
+  cams = np.broadcast_to(values[:, band][:, None, :], (k, H, W))
+  cams = np.clip(cams * np.exp(rng.normal(0, 0.5, cams.shape)), 0, 1).astype(np.float32)
+  fg_conf_cam = np.pad(cams, ((1, 0), (0, 0), (0, 0)), mode="constant", constant_values=0.30)
+  fg_conf = irn_crf_inference_label(image, np.argmax(fg_conf_cam, axis=0), n_labels=k + 1)
+  bg_conf_cam = np.pad(cams, ((1, 0), (0, 0), (0, 0)), mode="constant", constant_values=0.05)
+  bg_conf = irn_crf_inference_label(image, np.argmax(bg_conf_cam, axis=0), n_labels=k + 1)
+  conf = fg_conf.copy()
+  conf[fg_conf == 0] = 255
+  conf[bg_conf + fg_conf == 0] = 0
+  got = crf.ir_label(image, cams, False)
+  np.testing.assert_array_equal(got, conf)
+  assert set(np.unique(conf).tolist()) == {0, 1, 2, 3, 255}  # every outcome occurs
+  fg_raw = np.argmax(fg_conf_cam, axis=0)
+  assert (fg_raw != fg_conf).mean() > 0.02  # and the CRF changed the labels it was given
+  # The case tells the settings apart: another gt_prob, PSA's bilateral or other thresholds move it.
+  for kw in ({"gt_prob": 0.5}, {"bi_sxy": 80, "bi_srgb": 13}, {"bg_threshold": 0.1}, {"fg_threshold": 0.25}):
+    assert (crf.ir_label(image, cams, False, **kw) != conf).any(), kw
+
+
 def test_label_crf_single_label():
   image, _ = two_region_image()
   np.testing.assert_array_equal(crf.label_crf(image, np.zeros((H, W), np.int64), 1), 0)

@@ -3,6 +3,7 @@ backbone, training on synthetic IR labels (loss falls, resume = straight run, 8 
 missing-label error, and the edge maps of load_edge_fn."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from cpal_jax.models import resnet
 from cpal_jax.parallel import sharding
 from cpal_jax.refine import affinity, irn
 from cpal_jax.train import state as state_lib
+from test_train import tree_state
 
 STEPS = 8
 
@@ -258,10 +260,14 @@ def test_missing_ir_label_names_the_file(tmp_path):
   assert missing in str(err.value)
 
 
-def test_changed_backbone_is_refused_on_resume(straight):
-  config, workdir, _ = straight
+def test_changed_backbone_is_refused_on_resume(straight, tmp_path):
+  _, shared, _ = straight
+  shared_before = tree_state(shared)
+  workdir = str(tmp_path / "w")
+  shutil.copytree(shared, workdir)  # a refused resume must not touch the module's run either way
   with pytest.raises(ValueError, match="refine.irn.backbone"):
     irn.train(tiny_config(**{"refine.irn.backbone": "resnet_small"}), workdir)
+  assert tree_state(shared) == shared_before
 
 
 # -------------------------------------------------------------------------------------- inference
@@ -284,6 +290,45 @@ def test_edge_maps_shapes_flip_symmetry_and_batches(straight):
   maps = edge_fn.batch([a, b, sym])
   for m, ref in zip(maps, (ea, eb, es)):
     np.testing.assert_allclose(m, ref, atol=1e-5)
+
+
+class _RampNet:
+  """A stand-in boundary network (anything with Flax's apply): stride-4 logits = scale x the mean
+  of the first normalised channel over each 4x4 block + a left-to-right ramp, so an image and its
+  flip give logits that differ after flipping back, by up to +-6."""
+
+  def apply(self, variables, x):
+    b, h, w, _ = x.shape
+    blocks = x[..., 0].reshape(b, h // 4, 4, w // 4, 4).mean(axis=(2, 4))
+    return variables["scale"] * blocks + jnp.linspace(-3.0, 3.0, w // 4)[None, None, :]
+
+
+def test_edge_map_is_the_sigmoid_of_the_mean_logits():
+  """IRN's EdgeDisplacement: sigmoid((logits(x) + flip(logits(flip x))) / 2), not the mean of the
+  two sigmoids, each image padded bottom/right to the bucket and cropped to ceil(H/4) x ceil(W/4)."""
+  net, variables, pad = _RampNet(), {"scale": 4.0}, 32
+  predictor = irn.EdgePredictor(net, variables, pad)
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 255, (50, 62, 3), dtype=np.uint8)
+  h, w = image.shape[:2]
+  hp, wp, fh, fw = 64, 64, 13, 16
+
+  def logits(im):  # one image alone, padded as the predictor pads it
+    u8 = np.zeros((1, hp, wp, 3), np.uint8)
+    u8[0, :h, :w] = im
+    valid = np.zeros((1, hp, wp), np.uint8)
+    valid[0, :h, :w] = 1
+    return np.asarray(net.apply(variables, state_lib.normalize_images(u8, valid)), np.float64)[0, :fh, :fw]
+
+  a, b = logits(image), logits(image[:, ::-1])[:, ::-1]
+  sigmoid = lambda z: 1.0 / (1.0 + np.exp(-z))
+  want = sigmoid((a + b) / 2)
+  got = predictor(image)
+  assert got.shape == (fh, fw) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(predictor.batch([image, image[:20]])[0], want, rtol=0, atol=1e-6)
+  # The case tells the two averages apart.
+  assert np.abs((sigmoid(a) + sigmoid(b)) / 2 - want).max() > 0.05
 
 
 def test_edge_fn_without_checkpoint_says_what_to_run(tmp_path):

@@ -2,6 +2,7 @@
 reading them."""
 
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ from cpal_jax import image_ops
 from cpal_jax import main as cli
 from cpal_jax.eval import seed as seed_eval
 from cpal_jax.infer import cam as infer_cam
-from test_train import tiny_config
+from test_train import tiny_config, tree_state
 
 
 @pytest.mark.parametrize("size", [(12, 20), (4, 5), (7, 9), (3, 13)])
@@ -188,8 +189,11 @@ def test_files_hold_present_classes_with_background(sipe_run):
   assert summary["seed_miou"] is not None and summary["thresholds"]["seed"] is None
 
 
-def test_rerun_skips_finished_maps_and_rewrites_a_missing_one_identically(sipe_run):
-  config, workdir, _ = sipe_run
+def test_rerun_skips_finished_maps_and_rewrites_a_missing_one_identically(sipe_run, tmp_path):
+  config, shared, _ = sipe_run
+  shared_before = tree_state(shared)
+  workdir = str(tmp_path / "w")
+  shutil.copytree(shared, workdir)  # a copy (mtimes kept): the module's run stays as made
   files = sorted(f for f in os.listdir(infer_cam.maps_dir(workdir)) if f.endswith(".npz"))
   victim = infer_cam.map_path(workdir, files[3][:-4])
   with open(victim, "rb") as f:
@@ -203,6 +207,7 @@ def test_rerun_skips_finished_maps_and_rewrites_a_missing_one_identically(sipe_r
   with open(victim, "rb") as f:
     assert np.array_equal(np.load(victim)["high_res"], np.load(__import__("io").BytesIO(before))["high_res"])
   assert not [f for f in os.listdir(infer_cam.maps_dir(workdir)) if ".tmp" in f]
+  assert tree_state(shared) == shared_before
 
 
 def test_eval_cam_names_a_corrupt_file_and_the_fix(sipe_run, tmp_path):

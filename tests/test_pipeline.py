@@ -17,9 +17,21 @@ def _batches(config, n, **kw):
   return out
 
 
+@pytest.fixture
+def absl_flags_marked_parsed():
+  """grain's worker processes read absl flags, which must look parsed; they are put back as found
+  (unparsed, at their defaults) afterwards, so later tests do not see flags this test parsed."""
+  was_parsed = flags.FLAGS.is_parsed()
+  if not was_parsed:
+    flags.FLAGS.mark_as_parsed()
+  yield
+  if not was_parsed:
+    flags.FLAGS.unparse_flags()
+  assert flags.FLAGS.is_parsed() == was_parsed
+
+
+@pytest.mark.usefixtures("absl_flags_marked_parsed")
 def test_worker_processes_give_the_same_batches():
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
   config = tiny_config()
   threads = _batches(config, 3)
   config.data.workers = 2

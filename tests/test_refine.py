@@ -67,6 +67,89 @@ def test_walk_is_unchanged_by_bucket_padding():
   assert set(np.unique(c)) <= {0, 2}
 
 
+def np_make_sem_seg_labels(
+    cams, keys, edge, size, *, beta, exp_times, radius, bg_threshold=None, power=None, plane_first=False
+):
+  """IRN's make_sem_seg_labels / SIPE's make_seg_labels after the edge map: (SIPE: the whole map
+  to `power`), the walk, x4 bilinear upsampling (torch), crop, / global max, (IRN: a constant
+  `bg_threshold` plane prepended after the normalisation; plane_first: before it, a variant), argmax,
+  keys."""
+  import torch
+  import torch.nn.functional as F
+
+  from cpal_jax.refine import random_walk
+
+  if power is not None:
+    cams = np.power(cams, power)
+  rw = np.array(random_walk.random_walk(cams, edge, beta=beta, exp_times=exp_times, radius=radius))
+  rw_up = F.interpolate(torch.from_numpy(rw)[None], scale_factor=4, mode="bilinear", align_corners=False)
+  rw_up = rw_up[0, :, : size[0], : size[1]]
+  if not plane_first:
+    rw_up = rw_up / torch.max(rw_up)
+  if bg_threshold is not None:
+    rw_up = F.pad(rw_up, (0, 0, 0, 0, 1, 0), value=bg_threshold)
+    keys = np.pad(keys, (1, 0))
+  if plane_first:
+    rw_up = rw_up / torch.max(rw_up)
+  return keys[torch.argmax(rw_up, dim=0).numpy()]
+
+
+def walk_case(channels, seed):
+  """Blobby maps (so the walk has regions to spread) and an edge map with a wall in it."""
+  rng = np.random.default_rng(seed)
+  h, w = 12, 17
+  yy, xx = np.mgrid[:h, :w]
+  blob = lambda: np.exp(-((yy - rng.uniform(0, h)) ** 2 + (xx - rng.uniform(0, w)) ** 2) / rng.uniform(8, 30))
+  cams = np.stack([blob() for _ in range(channels)])
+  cams = (cams * rng.uniform(0.4, 1.0, (channels, 1, 1)) + 0.05 * rng.random(cams.shape)).astype(np.float32)
+  edge = (0.6 * rng.random((h, w)) ** 4).astype(np.float32)
+  edge[:, 8] = 0.9
+  return cams, edge, (4 * h - 3, 4 * w - 2)
+
+
+def test_walk_background_is_irns_constant_plane_after_the_normalisation():
+  """Foreground-only maps: IRN's sem_seg_bg_thres plane (0.25) joins the walked, max-normalised maps."""
+  config = tiny_config(**{"refine.walk.exp_times": 4})
+  w = config.refine.walk
+  assert w.bg_threshold == 0.25
+  cams, edge, size = walk_case(2, 0)
+  keys = np.array([2, 5])
+  got = refine.walk_labels(config, {"keys": keys, "cam": cams}, edge, size, bucket=16)
+  kw = dict(beta=w.beta, exp_times=w.exp_times, radius=w.radius)
+  want = np_make_sem_seg_labels(cams, keys, edge, size, bg_threshold=0.25, **kw)
+  np.testing.assert_array_equal(got, want)
+  assert set(np.unique(got).tolist()) == {0, 2, 5}
+  # The case tells the variants apart: another constant, the plane inside the normalisation, or
+  # no plane at all would give other labels.
+  assert (np_make_sem_seg_labels(cams, keys, edge, size, bg_threshold=0.35, **kw) != want).any()
+  assert (np_make_sem_seg_labels(cams, keys, edge, size, bg_threshold=0.15, **kw) != want).any()
+  plane_first = np_make_sem_seg_labels(cams, keys, edge, size, bg_threshold=0.25, plane_first=True, **kw)
+  assert (plane_first != want).any()
+  assert (np_make_sem_seg_labels(cams, keys, edge, size, **kw) != want).any()
+
+
+def test_walk_of_maps_with_background_raises_them_to_bg_power():
+  """Maps with their own background channel (SIPE): the whole map ** 1.5 is walked, no constant."""
+  config = tiny_config(**{"refine.walk.exp_times": 4})
+  w = config.refine.walk
+  assert w.bg_power == 1.5
+  cams, edge, size = walk_case(3, 1)
+  cams[0] = 0.3 + 0.5 * cams[0]  # a broad background channel
+  keys = np.array([0, 2, 5])
+  got = refine.walk_labels(config, {"keys": keys, "cam": cams}, edge, size, bucket=16)
+  kw = dict(beta=w.beta, exp_times=w.exp_times, radius=w.radius)
+  want = np_make_sem_seg_labels(cams, keys, edge, size, power=1.5, **kw)
+  np.testing.assert_array_equal(got, want)
+  assert set(np.unique(got).tolist()) == {0, 2, 5}
+  # The case tells the variants apart: no power, another power, or the power on the background
+  # channel alone would give other labels.
+  assert (np_make_sem_seg_labels(cams, keys, edge, size, power=1.0, **kw) != want).any()
+  assert (np_make_sem_seg_labels(cams, keys, edge, size, power=2.0, **kw) != want).any()
+  bg_only = cams.copy()
+  bg_only[0] = bg_only[0] ** 1.5
+  assert (np_make_sem_seg_labels(bg_only, keys, edge, size, **kw) != want).any()
+
+
 def test_host_post_processing_equals_the_jax_one():
   from cpal_jax import image_ops
   from cpal_jax.refine import random_walk

@@ -26,8 +26,16 @@ def test_threshold_sweep_matches_brute_force():
   c = 5
   scorer = SeedScorer(c, has_background=False, threshold_max=0.59)
   cases = [_random_case(rng, c) for _ in range(4)]
-  # Put some scores exactly on thresholds: the background plane wins ties (np.argmax picks it).
-  cases[0][0][0, 0, np.flatnonzero(cases[0][2])[0]] = 0.3
+  # Put some top scores exactly on thresholds: the background plane wins ties (np.argmax picks it).
+  # The tie values must be exact in float32 *and* equal to the float64 thresholds (float32(0.3) is
+  # above 0.3, so it never ties): 0.25 and 0.5 are, and each is the pixel's top score.
+  for case, (y, x), v in ((0, (0, 0), 0.25), (0, (3, 4), 0.5), (1, (2, 2), 0.5), (2, (6, 8), 0.25)):
+    m, g, l = cases[case]
+    present = np.flatnonzero(l)
+    m[y, x, present] = np.float32(0.01)
+    m[y, x, present[0]] = np.float32(v)
+    g[y, x] = 0  # scored (not 255): background and foreground predictions differ here
+    assert np.any(scorer.thresholds == m[y, x].max())  # an exact tie with a swept threshold
   for m, g, l in cases:
     _add(scorer, m, g, l)
   sweep = scorer.sweep()

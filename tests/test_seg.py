@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from flax import traverse_util
 from PIL import Image
 
-from cpal_jax import checkpointing
+from cpal_jax import checkpointing, image_ops
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import seg as seg_eval
 from cpal_jax.infer import export
@@ -518,10 +518,85 @@ def test_resume_from_a_killed_run_is_bit_identical(straight, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)  # params, BN statistics, momentum, step
 
 
-def test_evaluate_scores_and_resumes(straight):
+def kazuto_dense_crf(image, probmap, iter_max=10, pos_w=3, pos_xy_std=1, bi_w=4, bi_xy_std=67, bi_rgb_std=3):
+  """kazuto1011's libs/utils/crf.DenseCRF (its VOC config's parameters), pydensecrf called directly."""
+  import pydensecrf.densecrf as dcrf
+  import pydensecrf.utils as utils
+
+  c, h, w = probmap.shape
+  u = np.ascontiguousarray(utils.unary_from_softmax(probmap))
+  image = np.ascontiguousarray(image)
+  d = dcrf.DenseCRF2D(w, h, c)
+  d.setUnaryEnergy(u)
+  d.addPairwiseGaussian(sxy=pos_xy_std, compat=pos_w)
+  d.addPairwiseBilateral(sxy=bi_xy_std, srgb=bi_rgb_std, rgbim=image, compat=bi_w)
+  return np.array(d.inference(iter_max)).reshape((c, h, w))
+
+
+def direct_miou(gts, preds, c):
+  """Dataset mIoU (%) from one confusion matrix, GT 255 ignored, nan-mean over occurring classes."""
+  hist = np.zeros((c, c), np.int64)
+  for g, p in zip(gts, preds):
+    keep = g != 255
+    hist += np.bincount(c * g[keep].astype(np.int64) + p[keep], minlength=c * c).reshape(c, c)
+  with np.errstate(invalid="ignore"):  # 0/0: a class in neither GT nor prediction, left out
+    iou = np.diag(hist) / (hist.sum(0) + hist.sum(1) - np.diag(hist)).astype(np.float64)
+  return 100 * np.nanmean(iou)
+
+
+def test_evaluate_scores_and_resumes(straight, monkeypatch):
   config, workdir, _ = straight
+  jobs = []  # the CRF jobs (image, logits, padded size, params, png path), seen in process
+  crf_job = seg_eval._crf_job
+  monkeypatch.setattr(seg_eval, "_crf_job", lambda job: (jobs.append(job), crf_job(job))[1])
+  # Six steps from random init predict background everywhere, where a CRF has nothing to do: the
+  # ASPP head is perturbed at load so that the logits vary and both columns have work to do.
+  load_model = seg.load_model
+
+  def perturbed_load_model(*args):
+    model, variables, step = load_model(*args)
+    leaves, treedef = jax.tree.flatten(variables["params"]["aspp"])
+    rng = np.random.default_rng(0)
+    leaves = [x + jnp.asarray(10 * float(np.std(x)) * rng.standard_normal(x.shape), x.dtype) for x in leaves]
+    params = {**variables["params"], "aspp": jax.tree.unflatten(treedef, leaves)}
+    return model, {**variables, "params": params}, step
+
+  monkeypatch.setattr(seg, "load_model", perturbed_load_model)
   out = seg_eval.evaluate(config, workdir)
   assert 0 <= out["seg_val_miou"] <= 100 and 0 <= out["seg_val_miou_crf"] <= 100
+  # The CRF column pinned: every image's fused logits (those the plain argmax used), upsampled,
+  # softmax'd, through kazuto1011's DenseCRF called directly, argmax'd, scored as one matrix.
+  assert config.seg.eval.crf_params.to_dict() == {
+      "iters": 10, "gauss_sxy": 1, "gauss_compat": 3, "bi_sxy": 67, "bi_srgb": 3, "bi_compat": 4
+  }
+  source = pipeline.make_source(config, config.data.val_split, with_mask=True)
+  by_id = {os.path.basename(job[4])[: -len(".png")]: job for job in jobs}
+  assert sorted(by_id) == sorted(source.ids()) and len(jobs) == len(source)
+  gts, plain, with_crf = [], [], []
+  for i in range(len(source)):
+    el = source[i]
+    image, logits, padded, _, path = by_id[el["id"]]
+    np.testing.assert_array_equal(image, el["image"])
+    h, w = image.shape[:2]
+    up = image_ops.resize_bilinear_host(logits, padded)[:, :h, :w]
+    ref_up = F.interpolate(
+        torch.from_numpy(np.array(logits))[None], size=tuple(padded), mode="bilinear", align_corners=False
+    )
+    np.testing.assert_allclose(up, ref_up[0, :, :h, :w].numpy(), rtol=1e-5, atol=1e-5)
+    probs = torch.softmax(torch.from_numpy(np.asarray(up, np.float32)), dim=0).numpy()
+    want = np.argmax(kazuto_dense_crf(image, probs), axis=0)
+    got = palette.load_label_png(path)
+    np.testing.assert_array_equal(got, want, err_msg=el["id"])
+    pred = palette.load_label_png(os.path.join(seg_eval.pred_dir(workdir), f"{el['id']}.png"))
+    assert (np.argmax(up, 0) == pred).mean() > 0.999  # the logits are the plain prediction's
+    gts.append(el["mask"])
+    plain.append(pred)
+    with_crf.append(want)
+  c = config.data.num_classes
+  assert out["seg_val_miou_crf"] == pytest.approx(direct_miou(gts, with_crf, c), abs=1e-3)
+  assert out["seg_val_miou"] == pytest.approx(direct_miou(gts, plain, c), abs=1e-3)
+  assert np.mean([(a != b).mean() for a, b in zip(plain, with_crf)]) > 0.02  # the CRF did something
+  assert abs(out["seg_val_miou_crf"] - out["seg_val_miou"]) > 0.1  # so the two columns are told apart
   assert set(out["per_class_iou"]) == {"seg", "seg_crf"}
   assert out["eval_seg"]["predicted"] == config.data.num_eval and out["eval_seg"]["checkpoint_step"] == STEPS
   source = pipeline.make_source(config, config.data.val_split, with_mask=True)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -40,6 +41,17 @@ def tiny_config(**overrides):
       node = node[p]
     node[last] = v
   return c
+
+
+def tree_state(root: str) -> dict:
+  """{relative path: (size, mtime_ns)} of every file under root: a module fixture's run directory
+  must read the same before and after a test that only works on a copy of it."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      st = os.stat(os.path.join(d, f))
+      out[os.path.relpath(os.path.join(d, f), root)] = (st.st_size, st.st_mtime_ns)
+  return out
 
 
 def final_params(config, workdir):
@@ -123,10 +135,14 @@ def test_eight_devices_match_one_with_batch_statistics(tmp_path):
 
 
 def test_changed_model_is_refused_on_resume(straight, tmp_path):
-  config, workdir, _ = straight
+  _, shared, _ = straight
+  shared_before = tree_state(shared)
+  workdir = str(tmp_path / "w")
+  shutil.copytree(shared, workdir)  # a refused resume must not touch the module's run either way
   other = tiny_config(**{"model.backbone": "resnet_small"})
   with pytest.raises(ValueError, match="model.backbone"):
     cam_stage.train(other, workdir)
+  assert tree_state(shared) == shared_before
 
 
 def cpal_config(**overrides):
