@@ -102,7 +102,8 @@ def base() -> ml_collections.ConfigDict:
   # before one map is read from them, as SIPE's inference (network/resnet50_SIPE.py, class CAM:
   # `cam = cam[0] + cam[1].flip(-1)`, the same for hie_fea, then seeds, prototypes, IS-CAM once);
   # CPAL's prototypes and Eq. 12 shift then come from both views at once. "maps" = each view's
-  # map, flipped back and summed (IRN's plain-CAM inference).
+  # map, flipped back and summed. The plain CAM (cam, ppc, cpal with seed_map=cam) is always read
+  # as IRN's inference reads it: ReLU of each view's map, summed.
   c.cam.flip_fusion = "features"
   # Maps with a background channel (IS-CAM, PACAM): once = each scale's map summed as the network
   # returns it (SIPE's IS-CAM is unnormalised) and max-normalised once after the sum, as SIPE's

@@ -13,7 +13,6 @@ import os
 from absl import app, flags
 
 from cpal_jax import command, stages
-from cpal_jax.stages import run  # noqa: F401  (until the last tests import cpal_jax.stages)
 
 
 def cli() -> None:

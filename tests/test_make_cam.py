@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from cpal_jax import image_ops
-from cpal_jax import main as cli
+from cpal_jax import stages as cli
 from cpal_jax.eval import seed as seed_eval
 from cpal_jax.infer import cam as infer_cam
+from cpal_jax.train import state as state_lib
 from test_train import tiny_config, tree_state
 
 
@@ -65,26 +66,28 @@ class _RampModel(_PoolModel):
 
 
 @pytest.mark.parametrize("model_cls", [_PoolModel, _RampModel])
-def test_flip_fusion_of_maps_or_of_features(model_cls):
-  """cam.flip_fusion=maps sums the two views' ReLU maps; =features reads one map of the averaged
-  outputs, x2. They agree on a flip-equivariant network and not otherwise (the ramp cancels)."""
+def test_plain_cam_is_read_as_irn_whatever_the_flip_fusion(model_cls):
+  """The plain CAM is IRN's read, ReLU(view) + ReLU(flipped view) flipped back, under either
+  cam.flip_fusion (which only concerns the reads with a background channel): on the ramp network,
+  whose flipped view cancels it, averaging the outputs first would give 0."""
   rng = np.random.default_rng(2)
   batch = {
       "image": rng.integers(0, 255, (2, 16, 24, 3)).astype(np.uint8),
       "valid": np.ones((2, 16, 24), np.uint8),
       "label": np.array([[1, 0, 1], [1, 1, 0]], np.float32),
   }
-  out = {}
+  model = model_cls()
+  x = np.asarray(state_lib.normalize_images(jnp.asarray(batch["image"]), jnp.asarray(batch["valid"])))
+  a, b = model.apply({}, x)["cam"], model.apply({}, x[:, :, ::-1])["cam"][:, :, ::-1]
+  want = (np.maximum(a, 0) + np.maximum(b, 0)) * batch["label"][:, None, None, :]
   for fusion in ("maps", "features"):
     config = tiny_config(**{"method.name": "cam", "cam.flip_fusion": fusion})
-    out[fusion] = np.asarray(infer_cam.make_predict(model_cls(), config)({}, None, batch))
-  assert np.abs(out["maps"]).max() > 0.1
-  if model_cls is _PoolModel:
-    np.testing.assert_allclose(out["features"], out["maps"], rtol=1e-5, atol=1e-6)
-  else:
-    np.testing.assert_allclose(out["features"], 0.0, atol=1e-6)
+    assert infer_cam.flip_fusion(config) == "maps"
+    got = np.asarray(infer_cam.make_predict(model, config)({}, None, batch))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert np.abs(want).max() > 0.1
   with pytest.raises(ValueError, match="flip_fusion"):
-    infer_cam.make_predict(model_cls(), tiny_config(**{"method.name": "cam", "cam.flip_fusion": "both"}))
+    infer_cam.make_predict(model, tiny_config(**{"method.name": "cam", "cam.flip_fusion": "both"}))
 
 
 def test_cpal_maps_do_not_depend_on_the_inference_batch():

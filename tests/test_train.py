@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import synthetic as synthetic_config
-from cpal_jax import main as cli
+from cpal_jax import stages as cli
 from cpal_jax.parallel import sharding
 from cpal_jax.train import cam as cam_stage
 

@@ -104,7 +104,7 @@ def evaluate(config, workdir: str) -> dict:
       "images": len(source),
       "split": config.data.eval_split,
       "protocol": f"scales {list(config.cam.scales)} + flip"
-      + ("" if config.cam.flip_fusion == "maps" else f" ({config.cam.flip_fusion} fused)"),
+      + ("" if infer_cam.flip_fusion(config) == "maps" else f" ({config.cam.flip_fusion} fused)"),
       "seconds": round(time.time() - t0, 1),
   }
   return result

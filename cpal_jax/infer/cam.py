@@ -75,7 +75,7 @@ def protocol(config, step: int | None) -> dict:
   record = {
       "checkpoint_step": step,
       "scales": list(config.cam.scales),
-      "flip_fusion": config.cam.flip_fusion,
+      "flip_fusion": flip_fusion(config),
       # None for the earlier per-scale read keeps records written before this key valid.
       "scale_norm": None if config.cam.get("scale_norm", "per_scale") == "per_scale" else config.cam.scale_norm,
       "pad_multiple": config.cam.pad_multiple,
@@ -95,6 +95,14 @@ def high_res_multiple(config) -> int:
   enlarges each scale straight to the image size; IRN's, for the plain CAM, to the next multiple of
   the output stride, then crops (0 = straight)."""
   return 0 if has_background(config) else cam_net.output_stride(config)
+
+
+def flip_fusion(config) -> str:
+  """cam.flip_fusion for the reads with a background channel (SIPE's, CPAL's); the plain CAM is
+  always IRN's: ReLU of each view's map, flipped back and summed (net/resnet50_cam.py class CAM)."""
+  if config.cam.flip_fusion not in ("maps", "features"):
+    raise ValueError(f"cam.flip_fusion={config.cam.flip_fusion!r}: choose maps or features")
+  return config.cam.flip_fusion if has_background(config) else "maps"
 
 
 def make_predict(model, config):
@@ -121,9 +129,7 @@ def make_predict(model, config):
       return sipe.max_normalize(r["norm_cam"] + m.cpal.fused_lambda * r["pacam"])
     return jax.nn.relu(cam) * labels[:, None, None, :] * valid_lo[..., None]
 
-  if config.cam.flip_fusion not in ("maps", "features"):
-    raise ValueError(f"cam.flip_fusion={config.cam.flip_fusion!r}: choose maps or features")
-  read_features = config.cam.flip_fusion == "features"
+  read_features = flip_fusion(config) == "features"
   scale_norm = config.cam.get("scale_norm", "per_scale")
   if scale_norm not in ("per_scale", "once"):
     raise ValueError(f"cam.scale_norm={scale_norm!r}: choose per_scale or once")
