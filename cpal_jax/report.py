@@ -30,10 +30,9 @@ import time
 import jax
 import numpy as np
 
-from cpal_jax import image_ops, reporting
+from cpal_jax import image_ops, paths, reporting
 from cpal_jax.data import palette, pipeline, synthetic
 from cpal_jax.infer import cam as infer_cam
-from cpal_jax.infer import export
 from cpal_jax.models import cam_net
 from cpal_jax.parallel import distributed, sharding
 from cpal_jax.train import cam as cam_stage
@@ -54,14 +53,6 @@ PROTO_ROWS = 3  # images in the prototype figure
 PROTO_TOP = 3  # individual prototype maps per image
 
 
-def report_dir(workdir: str) -> str:
-  return os.path.join(workdir, "report")
-
-
-def seg_pred_dir(workdir: str) -> str:
-  return os.path.join(workdir, "seg", "pred")
-
-
 def write_report(config, workdir: str) -> dict[str, str]:
   """Writes the figures the workdir has inputs for; returns {name: path relative to workdir}."""
   if not distributed.is_main():
@@ -74,7 +65,7 @@ def write_report(config, workdir: str) -> dict[str, str]:
     figures["grid"] = _save(_grid_figure(config, views), workdir, "grid")
   # eval_seg predicts data.val_split, which rarely shares images with data.eval_split (VOC: val vs
   # train): its predictions get their own grid rather than an empty column in the first one.
-  if config.data.val_split != config.data.eval_split and os.path.isdir(seg_pred_dir(workdir)):
+  if config.data.val_split != config.data.eval_split and os.path.isdir(paths.seg_pred(workdir)):
     val_views, _ = _load_views(config, workdir, config.data.val_split, with_net=False)
     if any(v.seg is not None for v in val_views):
       figures["seg_grid"] = _save(_grid_figure(config, val_views), workdir, "seg_grid")
@@ -86,7 +77,7 @@ def write_report(config, workdir: str) -> dict[str, str]:
   if rows:
     figures["prototypes"] = _save(_prototype_figure(config, rows), workdir, "prototypes")
   log.info(
-      "report: %s in %s (%.1f s)", ", ".join(figures) or "nothing", report_dir(workdir), time.time() - t0
+      "report: %s in %s (%.1f s)", ", ".join(figures) or "nothing", paths.report(workdir), time.time() - t0
   )
   return figures
 
@@ -138,12 +129,12 @@ def _load_views(config, workdir: str, split: str, with_net: bool) -> tuple[list[
     return [], None
   views = [View(el["id"], el["image"], el["label"], el.get("mask")) for el in items]
   for v in views:
-    path = infer_cam.map_path(workdir, v.id)
+    path = paths.cam_map(workdir, v.id)
     if os.path.exists(path):
       maps = infer_cam.load_maps(path)
       v.seed = (maps["keys"], maps["high_res"])
-    v.mask = _label_png(os.path.join(export.masks_dir(workdir), f"{v.id}.png"))
-    v.seg = _label_png(os.path.join(seg_pred_dir(workdir), f"{v.id}.png"))
+    v.mask = _label_png(os.path.join(paths.masks(workdir), f"{v.id}.png"))
+    v.seg = _label_png(os.path.join(paths.seg_pred(workdir), f"{v.id}.png"))
   net = _run_network(config, workdir, views) if with_net else None
   if not any(
       v.cam is not None or v.seed is not None or v.mask is not None or v.seg is not None for v in views
@@ -155,7 +146,7 @@ def _load_views(config, workdir: str, split: str, with_net: bool) -> tuple[list[
 def _run_network(config, workdir: str, views: list[View]) -> Net | None:
   """Single-scale, no-flip forward of the trained CAM net: the ReLU CAM as the network sees one
   image (make_cam's multi-scale seed is the next column), and the projected features."""
-  if not os.path.isdir(cam_stage.ckpt_dir(workdir)):
+  if not os.path.isdir(paths.cam_ckpt(workdir)):
     return None
   try:
     # The mesh make_cam uses: CPAL's class axis is padded to the device count it was saved with.
@@ -205,7 +196,7 @@ def _figure(width: float, height: float, **kw):
 
 def _save(fig, workdir: str, name: str) -> str:
   """Atomic PNG write: a viewer or a killed run never sees half a figure."""
-  d = report_dir(workdir)
+  d = paths.report(workdir)
   os.makedirs(d, exist_ok=True)
   path = os.path.join(d, f"{name}.png")
   fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")

@@ -12,6 +12,7 @@ import tempfile
 import numpy as np
 import tqdm
 
+from cpal_jax import paths
 from cpal_jax.parallel import distributed
 
 # Figures a summary always names (the workdir contract: README, Workdir); null until their stage has run.
@@ -77,7 +78,7 @@ def _json_safe(x):
 
 
 def read_summary(workdir: str) -> dict:
-  path = os.path.join(workdir, "summary.json")
+  path = paths.summary_json(workdir)
   summary = {k: None for k in SUMMARY_KEYS}
   if os.path.exists(path):
     with open(path) as f:
@@ -96,7 +97,7 @@ def update_summary(workdir: str, **updates) -> dict:
   summary = _json_safe(summary)
   if distributed.is_main():
     atomic_write_text(
-        os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2, sort_keys=True) + "\n"
+        paths.summary_json(workdir), json.dumps(summary, indent=2, sort_keys=True) + "\n"
     )
   return summary
 

@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from cpal_jax import paths
+
 STAGES = ("train_cam", "make_cam", "eval_cam", "refine", "export", "train_seg", "eval_seg")
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def run(config, workdir: str) -> dict:
   check_workdir(workdir)
   if distributed.is_main():
     reporting.atomic_write_text(
-        os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n"
+        paths.config_json(workdir), config.to_json_best_effort(indent=2) + "\n"
     )
   summary = reporting.read_summary(workdir)
   for stage in stages:
@@ -65,10 +67,10 @@ def run(config, workdir: str) -> dict:
     figures = report.write_report(config, workdir)
   if distributed.is_main():
     reporting.atomic_write_text(
-        os.path.join(workdir, "summary.md"), reporting.summary_markdown(summary, figures)
+        paths.summary_md(workdir), reporting.summary_markdown(summary, figures)
     )
     print(reporting.format_summary(summary))
-    print(f"\nsummary: {os.path.join(workdir, 'summary.json')}")
+    print(f"\nsummary: {paths.summary_json(workdir)}")
   return summary
 
 

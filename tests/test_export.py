@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpal_jax import reporting
+from cpal_jax import paths, reporting
 from cpal_jax.data import palette, pipeline
 from cpal_jax.infer import cam as infer_cam
 from cpal_jax.infer import export
@@ -48,7 +48,7 @@ def write_gt_maps(config, workdir, noise=0.0, seed=0):
   """make_cam files whose maps are the ground truth (plus noise): a stand-in for a trained net."""
   rng = np.random.default_rng(seed)
   source = pipeline.make_source(config, config.data.train_split, with_mask=True)
-  os.makedirs(infer_cam.maps_dir(workdir), exist_ok=True)
+  os.makedirs(paths.cam_maps(workdir), exist_ok=True)
   for i in range(len(source)):
     el = source[i]
     keys = infer_cam.channel_keys(el["label"], True)
@@ -56,7 +56,7 @@ def write_gt_maps(config, workdir, noise=0.0, seed=0):
     hot = np.clip(hot + noise * rng.random(hot.shape, np.float32), 0, None)
     h, w = el["mask"].shape
     small = hot[:, ::4, ::4][:, : -(-h // 4), : -(-w // 4)]
-    infer_cam.write_maps(infer_cam.map_path(workdir, el["id"]), keys, hot, small, False)
+    infer_cam.write_maps(paths.cam_map(workdir, el["id"]), keys, hot, small, False)
   return source
 
 
@@ -81,14 +81,14 @@ def test_export_from_perfect_seeds_scores_100_and_resumes_identically(tmp_path, 
   with pytest.raises(KeyboardInterrupt):
     export.run(config, crashed)
   monkeypatch.setattr(export.palette, "save_label_png", real_save)
-  assert len(os.listdir(export.masks_dir(crashed))) == 5
+  assert len(os.listdir(paths.masks(crashed))) == 5
   again = export.run(config, crashed)
   assert again["export"]["written"] == len(source) - 5
   for image_id in source.ids():
-    with open(os.path.join(export.masks_dir(straight), f"{image_id}.png"), "rb") as f1:
-      with open(os.path.join(export.masks_dir(crashed), f"{image_id}.png"), "rb") as f2:
+    with open(os.path.join(paths.masks(straight), f"{image_id}.png"), "rb") as f1:
+      with open(os.path.join(paths.masks(crashed), f"{image_id}.png"), "rb") as f2:
         assert f1.read() == f2.read()
-  assert os.path.exists(os.path.join(export.masks_dir(crashed), "eval.json"))
+  assert os.path.exists(os.path.join(paths.masks(crashed), "eval.json"))
 
 
 def test_export_without_refined_masks_says_which_stage_to_run(tmp_path):

@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from cpal_jax import checkpointing
+from cpal_jax import checkpointing, paths
 from cpal_jax.infer import cam as infer_cam
 from cpal_jax.infer import export
 from cpal_jax.refine import stage as refine
@@ -121,7 +121,7 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(tmp_path):
     assert a.keys() == b.keys(), sub
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=f"{sub}{k}")
-  maps_a, maps_b = npz_arrays(infer_cam.maps_dir(straight)), npz_arrays(infer_cam.maps_dir(faulty))
+  maps_a, maps_b = npz_arrays(paths.cam_maps(straight)), npz_arrays(paths.cam_maps(faulty))
   assert maps_a.keys() == maps_b.keys()
   for f in maps_a:
     for k in ("keys", "high_res", "cam"):

@@ -6,9 +6,8 @@ import os
 
 import pytest
 
-from cpal_jax import stages as cli
+from cpal_jax import paths, stages as cli
 from cpal_jax.data import palette
-from cpal_jax.infer import export
 from test_train import tiny_config
 
 
@@ -44,6 +43,6 @@ def test_all_stages_fill_every_summary_key(tmp_path):
   for stage in cli.STAGES:
     assert f"`{stage}`" in md
   assert "report/grid.png" in md and os.path.exists(os.path.join(workdir, "report", "grid.png"))
-  masks = [f for f in os.listdir(export.masks_dir(workdir)) if f.endswith(".png")]
+  masks = [f for f in os.listdir(paths.masks(workdir)) if f.endswith(".png")]
   assert len(masks) == config.data.num_train
-  assert palette.load_label_png(os.path.join(export.masks_dir(workdir), masks[0])).shape == (64, 64)
+  assert palette.load_label_png(os.path.join(paths.masks(workdir), masks[0])).shape == (64, 64)

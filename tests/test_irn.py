@@ -13,7 +13,7 @@ from flax import traverse_util
 from jax.experimental.compilation_cache import compilation_cache
 
 import synthetic as synthetic_config
-from cpal_jax import checkpointing
+from cpal_jax import checkpointing, paths
 from cpal_jax.data import palette, pipeline
 from cpal_jax.models import irn as irn_model
 from cpal_jax.models import resnet
@@ -51,7 +51,7 @@ def tiny_config(**overrides):
 def write_ir_labels(config, workdir: str) -> list[str]:
   """IR labels made from the synthetic ground truth, with a fifth of the pixels unsure."""
   source = pipeline.make_source(config, config.data.train_split, with_mask=True)
-  out = irn.ir_label_dir(workdir)
+  out = paths.ir_labels(workdir)
   os.makedirs(out, exist_ok=True)
   rng = np.random.default_rng(0)
   for i in range(len(source)):
@@ -64,7 +64,7 @@ def write_ir_labels(config, workdir: str) -> list[str]:
 
 def restore_state(config, workdir: str, step: int | None = None):
   setup = irn.build(config, sharding.make_mesh(config.mesh.data), STEPS)
-  ckpt = checkpointing.Checkpointer(irn.ckpt_dir(workdir), async_save=False)
+  ckpt = checkpointing.Checkpointer(paths.irn_ckpt(workdir), async_save=False)
   step = step or ckpt.latest_step()
   state, _ = ckpt.restore(step, setup.abstract_state)
   ckpt.close()
@@ -204,7 +204,7 @@ def test_training_reduces_the_loss(straight):
   assert np.isfinite(summary["irn"]["final_loss"])
   source = irn.IRLabelSource(
       pipeline.make_source(config, config.data.train_split),
-      irn.ir_label_dir(workdir),
+      paths.ir_labels(workdir),
       config.data.num_classes,
   )
   schedule = irn.make_schedule(config, len(source))
@@ -253,7 +253,7 @@ def test_eight_devices_match_one(straight, tmp_path):
 def test_missing_ir_label_names_the_file(tmp_path):
   config = tiny_config()
   ids = write_ir_labels(config, str(tmp_path))
-  missing = os.path.join(irn.ir_label_dir(str(tmp_path)), f"{ids[5]}.png")
+  missing = os.path.join(paths.ir_labels(str(tmp_path)), f"{ids[5]}.png")
   os.remove(missing)
   with pytest.raises(FileNotFoundError, match="refine") as err:
     irn.train(config, str(tmp_path))

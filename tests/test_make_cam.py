@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpal_jax import image_ops
+from cpal_jax import image_ops, paths
 from cpal_jax import stages as cli
 from cpal_jax.eval import seed as seed_eval
 from cpal_jax.infer import cam as infer_cam
@@ -173,10 +173,10 @@ def test_files_hold_present_classes_with_background(sipe_run):
   from cpal_jax.data import pipeline
 
   source = pipeline.make_source(config, config.data.train_split)
-  assert summary["make_cam"]["written"] == len(source) == len(os.listdir(infer_cam.maps_dir(workdir))) // 2
+  assert summary["make_cam"]["written"] == len(source) == len(os.listdir(paths.cam_maps(workdir))) // 2
   for i in (0, 5):
     el = source[i]
-    m = infer_cam.load_maps(infer_cam.map_path(workdir, el["id"]))
+    m = infer_cam.load_maps(paths.cam_map(workdir, el["id"]))
     np.testing.assert_array_equal(m["keys"], np.concatenate([[0], np.flatnonzero(el["label"]) + 1]))
     h, w = el["image"].shape[:2]
     assert m["high_res"].shape == (len(m["keys"]), h, w)
@@ -184,10 +184,10 @@ def test_files_hold_present_classes_with_background(sipe_run):
     # Max-normalised per channel; after 2 steps any channel, background included, may be all zero.
     peaks = m["high_res"].max((1, 2))
     assert m["high_res"].min() >= 0 and np.all((np.abs(peaks - 1) < 2e-3) | (peaks == 0))
-    npy = np.load(infer_cam.map_path(workdir, el["id"])[:-4] + ".npy", allow_pickle=True).item()
+    npy = np.load(paths.cam_map(workdir, el["id"])[:-4] + ".npy", allow_pickle=True).item()
     np.testing.assert_array_equal(npy["keys"], m["keys"])
     np.testing.assert_array_equal(npy["IS_CAM"], npy["high_res"])  # SIPE's cam2ir.py reads this key
-  lit = [infer_cam.load_maps(infer_cam.map_path(workdir, i))["high_res"].max() for i in source.ids()]
+  lit = [infer_cam.load_maps(paths.cam_map(workdir, i))["high_res"].max() for i in source.ids()]
   assert np.mean(np.asarray(lit) > 0.99) > 0.5  # most images have a channel at its peak
   assert summary["seed_miou"] is not None and summary["thresholds"]["seed"] is None
 
@@ -197,19 +197,19 @@ def test_rerun_skips_finished_maps_and_rewrites_a_missing_one_identically(sipe_r
   shared_before = tree_state(shared)
   workdir = str(tmp_path / "w")
   shutil.copytree(shared, workdir)  # a copy (mtimes kept): the module's run stays as made
-  files = sorted(f for f in os.listdir(infer_cam.maps_dir(workdir)) if f.endswith(".npz"))
-  victim = infer_cam.map_path(workdir, files[3][:-4])
+  files = sorted(f for f in os.listdir(paths.cam_maps(workdir)) if f.endswith(".npz"))
+  victim = paths.cam_map(workdir, files[3][:-4])
   with open(victim, "rb") as f:
     before = f.read()
   os.remove(victim)
-  keep = infer_cam.map_path(workdir, files[0][:-4])
+  keep = paths.cam_map(workdir, files[0][:-4])
   mtime = os.stat(keep).st_mtime_ns
   out = infer_cam.run(config, workdir)
   assert out["make_cam"]["written"] == 1
   assert os.stat(keep).st_mtime_ns == mtime
   with open(victim, "rb") as f:
     assert np.array_equal(np.load(victim)["high_res"], np.load(__import__("io").BytesIO(before))["high_res"])
-  assert not [f for f in os.listdir(infer_cam.maps_dir(workdir)) if ".tmp" in f]
+  assert not [f for f in os.listdir(paths.cam_maps(workdir)) if ".tmp" in f]
   assert tree_state(shared) == shared_before
 
 
@@ -222,11 +222,11 @@ def test_eval_cam_names_a_corrupt_file_and_the_fix(sipe_run, tmp_path):
   from cpal_jax.data import pipeline
 
   first = pipeline.make_source(config, config.data.eval_split).ids()[0]
-  with open(infer_cam.map_path(copy, first), "wb") as f:
+  with open(paths.cam_map(copy, first), "wb") as f:
     f.write(b"not a zip")
   with pytest.raises(ValueError, match=f"{first}.npz.*re-run the make_cam"):
     seed_eval.evaluate(config, copy)
-  os.remove(infer_cam.map_path(copy, first))
+  os.remove(paths.cam_map(copy, first))
   with pytest.raises(FileNotFoundError, match="run the make_cam stage"):
     seed_eval.evaluate(config, copy)
 
@@ -238,13 +238,13 @@ def test_another_read_of_existing_maps_is_refused_and_keeps_them(sipe_run, tmp_p
 
   copy = str(tmp_path / "w")
   shutil.copytree(workdir, copy)
-  with open(infer_cam.protocol_path(copy)) as f:
+  with open(paths.cam_protocol(copy)) as f:
     record = json.load(f)
   assert record["scales"] == [1.0, 0.5, 1.5] and record["checkpoint_step"] == 2
   assert record["method.name"] == "sipe" and "batch_size" not in record
   before = {
-      f: os.stat(os.path.join(infer_cam.maps_dir(copy), f)).st_mtime_ns
-      for f in os.listdir(infer_cam.maps_dir(copy))
+      f: os.stat(os.path.join(paths.cam_maps(copy), f)).st_mtime_ns
+      for f in os.listdir(paths.cam_maps(copy))
   }
   for key, value in (("cam.scales", (1.0,)), ("cam.flip_fusion", "maps"), ("method.cpal.tau", 0.3)):
     other = tiny_config(
@@ -254,16 +254,16 @@ def test_another_read_of_existing_maps_is_refused_and_keeps_them(sipe_run, tmp_p
     with pytest.raises(ValueError, match=rf"{name}: .* then, .* now.*delete .*maps"):
       infer_cam.run(other, copy)
   after = {
-      f: os.stat(os.path.join(infer_cam.maps_dir(copy), f)).st_mtime_ns
-      for f in os.listdir(infer_cam.maps_dir(copy))
+      f: os.stat(os.path.join(paths.cam_maps(copy), f)).st_mtime_ns
+      for f in os.listdir(paths.cam_maps(copy))
   }
   assert after == before
   # Once the maps are gone, the new read is recorded and made.
-  shutil.rmtree(infer_cam.maps_dir(copy))
-  os.makedirs(infer_cam.maps_dir(copy))
+  shutil.rmtree(paths.cam_maps(copy))
+  os.makedirs(paths.cam_maps(copy))
   other = tiny_config(**{"train.num_steps": 2, "cam.scales": (1.0,)})
   assert infer_cam.run(other, copy)["make_cam"]["written"] == len(before) // 2
-  with open(infer_cam.protocol_path(copy)) as f:
+  with open(paths.cam_protocol(copy)) as f:
     assert json.load(f)["scales"] == [1.0]
 
 
@@ -281,7 +281,7 @@ def test_plain_cam_maps_have_no_background_and_are_swept(tmp_path):
   from cpal_jax.data import pipeline
 
   el = pipeline.make_source(config, config.data.train_split)[0]
-  m = infer_cam.load_maps(infer_cam.map_path(str(tmp_path), el["id"]))
+  m = infer_cam.load_maps(paths.cam_map(str(tmp_path), el["id"]))
   np.testing.assert_array_equal(m["keys"], np.flatnonzero(el["label"]) + 1)
   assert summary["thresholds"]["seed"] is not None and len(summary["seed_sweep"]) == 60
 

@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 
+from cpal_jax import paths
 from cpal_jax.data import palette
-from cpal_jax.refine import irn
 from cpal_jax.refine import stage as refine
 from test_export import write_gt_maps
 from test_train import tiny_config
@@ -21,13 +21,13 @@ def test_crf_mode_refines_noisy_seeds_and_resumes(tmp_path):
   seed = seed_eval.evaluate(config, workdir)["seed_miou"]
   out = refine.run(config, workdir)
   assert out["crf_miou"] > seed + 5, (seed, out["crf_miou"])
-  files = sorted(os.listdir(refine.crf_dir(workdir)))
+  files = sorted(os.listdir(paths.crf_masks(workdir)))
   assert len(files) == len(source)
-  os.remove(os.path.join(refine.crf_dir(workdir), files[2]))
-  mtime = os.stat(os.path.join(refine.crf_dir(workdir), files[0])).st_mtime_ns
+  os.remove(os.path.join(paths.crf_masks(workdir), files[2]))
+  mtime = os.stat(os.path.join(paths.crf_masks(workdir), files[0])).st_mtime_ns
   again = refine.run(config, workdir)
   assert again["crf_miou"] == out["crf_miou"]
-  assert os.stat(os.path.join(refine.crf_dir(workdir), files[0])).st_mtime_ns == mtime
+  assert os.stat(os.path.join(paths.crf_masks(workdir), files[0])).st_mtime_ns == mtime
 
 
 def test_ir_labels_are_class_ids_with_unsure_band(tmp_path):
@@ -36,14 +36,14 @@ def test_ir_labels_are_class_ids_with_unsure_band(tmp_path):
   source = write_gt_maps(config, workdir)
   refine.make_ir_labels(config, workdir, config.data.train_split)
   el = pipeline_item(config, 1)
-  lab = palette.load_label_png(os.path.join(irn.ir_label_dir(workdir), f"{el['id']}.png"))
+  lab = palette.load_label_png(os.path.join(paths.ir_labels(workdir), f"{el['id']}.png"))
   assert lab.shape == el["mask"].shape
   present = set(np.flatnonzero(el["label"]) + 1) | {0, 255}
   assert set(np.unique(lab)) <= present
   # Perfect seeds: every confident pixel agrees with the ground truth.
   sure = lab != 255
   assert np.mean(lab[sure] == el["mask"][sure]) > 0.97
-  assert len(os.listdir(irn.ir_label_dir(workdir))) == len(source)
+  assert len(os.listdir(paths.ir_labels(workdir))) == len(source)
 
 
 def pipeline_item(config, i):
@@ -171,13 +171,13 @@ def test_ir_label_mode_exports_sipe_coco_pseudo_masks_with_unsure_pixels(tmp_pat
   write_gt_maps(config, workdir, noise=0.6, seed=1)
   out = refine.run(config, workdir)
   assert out["refine"]["mode"] == "ir_label" and out["crf_miou"] is not None
-  assert not os.path.exists(irn.ckpt_dir(workdir))  # no boundary network
+  assert not os.path.exists(paths.irn_ckpt(workdir))  # no boundary network
   result = export.run(config, workdir)
-  ids = sorted(f for f in os.listdir(export.masks_dir(workdir)) if f.endswith(".png"))
+  ids = sorted(f for f in os.listdir(paths.masks(workdir)) if f.endswith(".png"))
   unsure = 0
   for f in ids:
-    exported = palette.load_label_png(os.path.join(export.masks_dir(workdir), f))
-    ir = palette.load_label_png(os.path.join(irn.ir_label_dir(workdir), f))
+    exported = palette.load_label_png(os.path.join(paths.masks(workdir), f))
+    ir = palette.load_label_png(os.path.join(paths.ir_labels(workdir), f))
     np.testing.assert_array_equal(exported, ir)
     unsure += int((exported == 255).sum())
   assert unsure > 0  # the band the two CRFs disagree on survives the export

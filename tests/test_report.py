@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpal_jax import report, reporting
+from cpal_jax import paths, report, reporting
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import seed as seed_eval
 from cpal_jax.infer import cam as infer_cam
@@ -72,7 +72,7 @@ def test_cpal_workdir_gives_grid_bars_and_prototypes(cpal_workdir):
   assert set(figures) == {"grid", "per_class_iou", "prototypes"}
   for name, rel in figures.items():
     assert rel == os.path.join("report", f"{name}.png")
-  assert not [f for f in os.listdir(report.report_dir(workdir)) if f.startswith(".tmp")]
+  assert not [f for f in os.listdir(paths.report(workdir)) if f.startswith(".tmp")]
 
   # input | CAM | PACAM | pseudo mask | ground truth (no seg/pred in this workdir): 5 columns of
   # about CELL_INCHES * DPI pixels, one row per image.
@@ -92,7 +92,7 @@ def column_titles(fig, views):
 
 def test_segmentation_column_once_predictions_exist(cpal_workdir):
   config, workdir = cpal_workdir
-  seg = report.seg_pred_dir(workdir)
+  seg = paths.seg_pred(workdir)
   source = pipeline.make_source(config, config.data.eval_split, with_mask=True)
   os.makedirs(seg)
   try:
@@ -166,10 +166,10 @@ def test_summary_only_workdir_gives_bars(tmp_path):
 
   # eval_seg's predictions of data.val_split get their own grid: input | segmentation | ground truth.
   source = pipeline.make_source(config, config.data.val_split, with_mask=True)
-  os.makedirs(report.seg_pred_dir(workdir))
+  os.makedirs(paths.seg_pred(workdir))
   for i in range(2):
     el = source[i]
-    palette.save_label_png(os.path.join(report.seg_pred_dir(workdir), f"{el['id']}.png"), el["mask"])
+    palette.save_label_png(os.path.join(paths.seg_pred(workdir), f"{el['id']}.png"), el["mask"])
   figures = report.write_report(config, workdir)
   assert set(figures) == {"per_class_iou", "threshold_sweep", "seg_grid"}
   w, h = png_size(workdir, figures["seg_grid"])
@@ -179,7 +179,7 @@ def test_summary_only_workdir_gives_bars(tmp_path):
 
 def test_empty_workdir_writes_nothing(tmp_path):
   assert report.write_report(report_config(), str(tmp_path)) == {}
-  assert not os.path.exists(report.report_dir(str(tmp_path)))
+  assert not os.path.exists(paths.report(str(tmp_path)))
 
 
 def test_summary_rows_show_the_seg_crf_figure_with_the_stage_time_once():

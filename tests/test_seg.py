@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from flax import traverse_util
 from PIL import Image
 
-from cpal_jax import checkpointing, image_ops
+from cpal_jax import checkpointing, image_ops, paths
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import seg as seg_eval
-from cpal_jax.infer import export
 from cpal_jax.models import deeplab, pretrained, resnet
 from cpal_jax.parallel import sharding
 from cpal_jax.train import seg
@@ -477,14 +476,14 @@ def seg_config(**overrides):
 def write_gt_masks(config, workdir):
   """Pseudo masks that are the ground truth: a stand-in for the export stage."""
   source = pipeline.make_source(config, seg.train_split(config), with_mask=True)
-  os.makedirs(export.masks_dir(workdir), exist_ok=True)
+  os.makedirs(paths.masks(workdir), exist_ok=True)
   for i in range(len(source)):
     el = source[i]
-    palette.save_label_png(os.path.join(export.masks_dir(workdir), f"{el['id']}.png"), el["mask"])
+    palette.save_label_png(os.path.join(paths.masks(workdir), f"{el['id']}.png"), el["mask"])
 
 
 def restore(config, workdir, step):
-  ckpt = checkpointing.Checkpointer(seg.ckpt_dir(workdir), async_save=False)
+  ckpt = checkpointing.Checkpointer(paths.seg_ckpt(workdir), async_save=False)
   state, _ = ckpt.restore(step, seg.build(config, sharding.make_mesh(1), STEPS).abstract_state)
   ckpt.close()
   return jax.tree.map(np.asarray, state)
@@ -511,7 +510,7 @@ def test_resume_from_a_killed_run_is_bit_identical(straight, tmp_path):
   resumed = str(tmp_path / "run")
   shutil.copytree(workdir, resumed)
   for step in ("4", "6"):
-    shutil.rmtree(os.path.join(seg.ckpt_dir(resumed), step))
+    shutil.rmtree(os.path.join(paths.seg_ckpt(resumed), step))
   out = seg.train(seg_config(**{"seg.stop_at_step": 4}), resumed)["train_seg"]
   assert out["steps"] == 4 and seg.latest_step(resumed) == 4
   a, b = restore(config, workdir, 4), restore(config, resumed, 4)
@@ -587,7 +586,7 @@ def test_evaluate_scores_and_resumes(straight, monkeypatch):
     want = np.argmax(kazuto_dense_crf(image, probs), axis=0)
     got = palette.load_label_png(path)
     np.testing.assert_array_equal(got, want, err_msg=el["id"])
-    pred = palette.load_label_png(os.path.join(seg_eval.pred_dir(workdir), f"{el['id']}.png"))
+    pred = palette.load_label_png(os.path.join(paths.seg_pred(workdir), f"{el['id']}.png"))
     assert (np.argmax(up, 0) == pred).mean() > 0.999  # the logits are the plain prediction's
     gts.append(el["mask"])
     plain.append(pred)
@@ -600,11 +599,11 @@ def test_evaluate_scores_and_resumes(straight, monkeypatch):
   assert set(out["per_class_iou"]) == {"seg", "seg_crf"}
   assert out["eval_seg"]["predicted"] == config.data.num_eval and out["eval_seg"]["checkpoint_step"] == STEPS
   source = pipeline.make_source(config, config.data.val_split, with_mask=True)
-  for d in (seg_eval.pred_dir(workdir), seg_eval.crf_pred_dir(workdir)):
+  for d in (paths.seg_pred(workdir), paths.seg_pred_crf(workdir)):
     assert sorted(os.listdir(d)) == sorted(f"{i}.png" for i in source.ids())
     first = palette.load_label_png(os.path.join(d, f"{source.ids()[0]}.png"))
     assert first.shape == source[0]["mask"].shape and first.max() < config.data.num_classes
-  with open(os.path.join(workdir, "seg", "eval.json")) as f:
+  with open(paths.seg_eval_json(workdir)) as f:
     record = json.load(f)
   assert record["miou"] == out["seg_val_miou"] and record["protocol"]["scales"] == [1.0, 0.5]
 
@@ -618,7 +617,7 @@ def test_evaluate_scores_and_resumes(straight, monkeypatch):
 def test_missing_mask_names_the_file_and_the_export_stage(tmp_path):
   config = seg_config()
   write_gt_masks(config, str(tmp_path))
-  gone = os.path.join(export.masks_dir(str(tmp_path)), "train_000005.png")
+  gone = os.path.join(paths.masks(str(tmp_path)), "train_000005.png")
   os.remove(gone)
   with pytest.raises(FileNotFoundError, match=r"train_000005\.png.*export stage"):
     seg.train(config, str(tmp_path))
@@ -627,12 +626,12 @@ def test_missing_mask_names_the_file_and_the_export_stage(tmp_path):
 def test_bad_mask_value_names_the_file(tmp_path):
   config = seg_config()
   write_gt_masks(config, str(tmp_path))
-  path = os.path.join(export.masks_dir(str(tmp_path)), "train_000003.png")
+  path = os.path.join(paths.masks(str(tmp_path)), "train_000003.png")
   mask = palette.load_label_png(path).copy()
   mask[0, 0] = 40  # not a class of the 10, nor 255
   palette.save_label_png(path, mask)
   source = seg.PseudoMaskSource(
-      pipeline.make_source(config, "train"), export.masks_dir(str(tmp_path)), config.data.num_classes
+      pipeline.make_source(config, "train"), paths.masks(str(tmp_path)), config.data.num_classes
   )
   with pytest.raises(ValueError, match=r"train_000003\.png holds value 40"):
     source[3]
@@ -664,7 +663,7 @@ def test_init_from_cam_starts_the_backbone_from_the_cam_checkpoint(tmp_path, cap
       params=jax.tree.map(lambda x: x + 0.25, cam_state.params),
       batch_stats=jax.tree.map(lambda x: x + 0.5, cam_state.batch_stats),
   )
-  ckpt = checkpointing.Checkpointer(cam_stage.ckpt_dir(workdir), async_save=False)
+  ckpt = checkpointing.Checkpointer(paths.cam_ckpt(workdir), async_save=False)
   ckpt.save(3, cam_state, None, {})
   ckpt.close()
 

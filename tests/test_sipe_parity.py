@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cpal_jax import convert_weights as cw
+from cpal_jax import convert_weights as cw, paths
 from cpal_jax import stages as cli
 from cpal_jax.infer import cam as infer_cam
 from test_convert_weights import TorchResNet
@@ -223,7 +223,7 @@ def test_make_cam_reads_a_sipe_model_as_upstream_does(converted, tmp_path):
     label[[voc.VOC_CLASSES.index(o) - 1 for o in objects]] = 1
     image = np.asarray(Image.open(tmp_path / "VOC2012" / "JPEGImages" / f"{image_id}.jpg").convert("RGB"))
     keys, want = upstream_make_cam(model, image, label)
-    ours = np.load(infer_cam.map_path(str(workdir), image_id)[:-4] + ".npy", allow_pickle=True).item()
+    ours = np.load(paths.cam_map(str(workdir), image_id)[:-4] + ".npy", allow_pickle=True).item()
     np.testing.assert_array_equal(ours["keys"], keys)
     assert ours["IS_CAM"].shape == want.shape == (len(keys), h, w)
     peaks.append(want.max())
@@ -231,7 +231,7 @@ def test_make_cam_reads_a_sipe_model_as_upstream_does(converted, tmp_path):
   # Lit maps, so the comparison is not of zeros (an image whose seeds all go to classes it lacks
   # has none, on both sides: upstream's argmax runs over every class, then drops the absent ones).
   assert sum(p > 0.99 for p in peaks) >= 2, peaks
-  protocol = json.loads(open(infer_cam.protocol_path(str(workdir))).read())
+  protocol = json.loads(open(paths.cam_protocol(str(workdir))).read())
   assert protocol["weights"] == infer_cam.weights_digest(str(d / "sipe.npz"))
 
 
@@ -275,7 +275,7 @@ def test_cpal_reads_a_sipe_model_with_a_refreshed_bank(converted, tmp_path):
   assert summary["make_cam"]["written"] == len(IMAGES)
   peaks = []
   for image_id in IMAGES:
-    m = infer_cam.load_maps(infer_cam.map_path(str(tmp_path / "run"), image_id))
+    m = infer_cam.load_maps(paths.cam_map(str(tmp_path / "run"), image_id))
     assert np.isfinite(m["high_res"]).all()
     peaks.append(m["high_res"].max())
   # As in the SIPE read, the first image's seeds go to classes it lacks: Eq. 4's mask is empty there.

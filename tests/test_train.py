@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import synthetic as synthetic_config
-from cpal_jax import stages as cli
+from cpal_jax import paths, stages as cli
 from cpal_jax.parallel import sharding
 from cpal_jax.train import cam as cam_stage
 
@@ -88,7 +88,7 @@ def test_cli_run_writes_summary_and_artifacts(straight):
   assert summary["crf_miou"] is None  # the stage has not run
   assert summary["train_cam"]["steps"] == STEPS and np.isfinite(summary["train_cam"]["final_loss"])
   assert set(summary["stage_seconds"]) == {"train_cam", "make_cam", "eval_cam"}
-  assert os.listdir(os.path.join(workdir, "cam", "tb"))
+  assert os.listdir(paths.cam_tb(workdir))
   assert os.path.exists(os.path.join(workdir, "config.json"))
   with open(os.path.join(workdir, "summary.md")) as f:
     md = f.read()
@@ -159,7 +159,7 @@ def cpal_config(**overrides):
 
 def final_state(config, workdir):
   setup = cam_stage.build(config, sharding.make_mesh(config.mesh.data), config.data.num_train)
-  ckpt = cam_stage.checkpointing.Checkpointer(cam_stage.ckpt_dir(workdir), async_save=False)
+  ckpt = cam_stage.checkpointing.Checkpointer(paths.cam_ckpt(workdir), async_save=False)
   state, _ = ckpt.restore(ckpt.latest_step(), setup.abstract_state)
   ckpt.close()
   return jax.tree.map(np.asarray, state)

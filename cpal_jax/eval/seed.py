@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from cpal_jax import reporting
+from cpal_jax import paths, reporting
 from cpal_jax.data import pipeline
 from cpal_jax.eval import miou
 from cpal_jax.infer import cam as infer_cam
@@ -90,11 +90,11 @@ def evaluate(config, workdir: str) -> dict:
   bar = reporting.progress(len(source), "eval_cam")
   for i in range(len(source)):
     el = source[i]
-    maps = infer_cam.load_maps(infer_cam.map_path(workdir, el["id"]))
+    maps = infer_cam.load_maps(paths.cam_map(workdir, el["id"]))
     if maps["high_res"].shape[1:] != el["mask"].shape:
       raise ValueError(
-          f"CAM file {infer_cam.map_path(workdir, el['id'])} is {maps['high_res'].shape[1:]} but the image is "
-          f"{el['mask'].shape}: it comes from other data; delete {infer_cam.maps_dir(workdir)} and re-run make_cam"
+          f"CAM file {paths.cam_map(workdir, el['id'])} is {maps['high_res'].shape[1:]} but the image is "
+          f"{el['mask'].shape}: it comes from other data; delete {paths.cam_maps(workdir)} and re-run make_cam"
       )
     scorer.add(maps["high_res"], maps["keys"], el["mask"])
     bar.update(1)

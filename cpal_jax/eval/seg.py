@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpal_jax import image_ops, provenance, reporting
+from cpal_jax import image_ops, paths, provenance, reporting
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.models import deeplab
@@ -41,18 +41,6 @@ log = logging.getLogger(__name__)
 # Images whose logits wait for the CRF pool at once: bounds host memory (COCO's 81-class logits
 # are ~1.4 MB an image) while each pool start is amortised over many ~1 s CRF jobs.
 CRF_CHUNK = 256
-
-
-def pred_dir(workdir: str) -> str:
-  return os.path.join(workdir, "seg", "pred")
-
-
-def crf_pred_dir(workdir: str) -> str:
-  return os.path.join(workdir, "seg", "pred_crf")
-
-
-def protocol_path(workdir: str) -> str:
-  return os.path.join(workdir, "seg", "pred_protocol.json")
 
 
 def make_predict(model, seg_cfg):
@@ -197,19 +185,19 @@ def evaluate(config, workdir: str) -> dict:
   step = seg_stage.latest_step(workdir)
   if step is None:
     raise FileNotFoundError(
-        f"no DeepLab checkpoint in {seg_stage.ckpt_dir(workdir)}: run the train_seg stage first "
+        f"no DeepLab checkpoint in {paths.seg_ckpt(workdir)}: run the train_seg stage first "
         "(--config.stages=train_seg,eval_seg)"
     )
   proto = protocol(config, step)
-  made = any(os.path.isdir(d) and os.listdir(d) for d in (pred_dir(workdir), crf_pred_dir(workdir)))
+  made = any(os.path.isdir(d) and os.listdir(d) for d in (paths.seg_pred(workdir), paths.seg_pred_crf(workdir)))
   provenance.check_or_record(
-      protocol_path(workdir),
+      paths.seg_protocol(workdir),
       proto,
       made,
-      f"the predictions in {pred_dir(workdir)}",
-      f"delete {pred_dir(workdir)}, {crf_pred_dir(workdir)} and {protocol_path(workdir)} to predict again",
+      f"the predictions in {paths.seg_pred(workdir)}",
+      f"delete {paths.seg_pred(workdir)}, {paths.seg_pred_crf(workdir)} and {paths.seg_protocol(workdir)} to predict again",
   )
-  out_dirs = [pred_dir(workdir)] + ([crf_pred_dir(workdir)] if ev.crf else [])
+  out_dirs = [paths.seg_pred(workdir)] + ([paths.seg_pred_crf(workdir)] if ev.crf else [])
   for d in out_dirs:
     os.makedirs(d, exist_ok=True)
   ids = source.ids()
@@ -250,7 +238,7 @@ def evaluate(config, workdir: str) -> dict:
     record.update(miou_crf=reps[1]["miou"], per_class_iou_crf=reps[1]["per_class_iou"])
   if jax.process_index() == 0:
     reporting.atomic_write_text(
-        os.path.join(workdir, "seg", "eval.json"), json.dumps(record, indent=2) + "\n"
+        paths.seg_eval_json(workdir), json.dumps(record, indent=2) + "\n"
     )
   log.info(
       "eval_seg: mIoU %.2f%s on %s", reps[0]["miou"], f" (CRF {reps[1]['miou']:.2f})" if ev.crf else "", split

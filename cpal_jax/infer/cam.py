@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cpal_jax import checkpointing, diskspace, faults, image_ops, provenance, reporting
+from cpal_jax import checkpointing, diskspace, faults, image_ops, paths, provenance, reporting
 from cpal_jax.data import pipeline
 from cpal_jax.method import cpal, sipe
 from cpal_jax.models import cam_net
@@ -48,18 +48,6 @@ def has_background(config) -> bool:
   """Whether the seed map carries its own background channel (else a background threshold)."""
   m = config.method
   return m.name == "sipe" or (m.name == "cpal" and m.cpal.seed_map in ("pacam", "fused"))
-
-
-def maps_dir(workdir: str) -> str:
-  return os.path.join(workdir, "cam", "maps")
-
-
-def map_path(workdir: str, image_id: str) -> str:
-  return os.path.join(maps_dir(workdir), f"{image_id}.npz")
-
-
-def protocol_path(workdir: str) -> str:
-  return os.path.join(workdir, "cam", "maps_protocol.json")
 
 
 def weights_digest(path: str) -> str:
@@ -296,25 +284,25 @@ def run(config, workdir: str) -> dict:
   source = pipeline.make_source(config, split)
   ids = source.ids()
   mine = list(range(jax.process_index(), len(source), jax.process_count()))
-  os.makedirs(maps_dir(workdir), exist_ok=True)
+  os.makedirs(paths.cam_maps(workdir), exist_ok=True)
   weights = config.cam.get("weights", "")
   if weights and not os.path.isfile(weights):
     raise FileNotFoundError(f"cam.weights={weights}: no such file (a network converted by cpal_jax.convert_weights)")
-  step = None if weights else checkpointing.latest_step(cam_stage.ckpt_dir(workdir))
+  step = None if weights else checkpointing.latest_step(paths.cam_ckpt(workdir))
   if step is not None or weights:  # without either, load_params below names the missing stage
-    made = any(f.endswith(".npz") for f in os.listdir(maps_dir(workdir)))
+    made = any(f.endswith(".npz") for f in os.listdir(paths.cam_maps(workdir)))
     provenance.check_or_record(
-        protocol_path(workdir),
+        paths.cam_protocol(workdir),
         protocol(config, step),
         made,
-        f"the CAM files in {maps_dir(workdir)}",
-        f"delete {maps_dir(workdir)} and {protocol_path(workdir)} to make them again (and the refine/ and "
+        f"the CAM files in {paths.cam_maps(workdir)}",
+        f"delete {paths.cam_maps(workdir)} and {paths.cam_protocol(workdir)} to make them again (and the refine/ and "
         "masks/ made from them), or give this read its own --config.workdir",
     )
-  todo = [i for i in mine if not os.path.exists(map_path(workdir, ids[i]))]
+  todo = [i for i in mine if not os.path.exists(paths.cam_map(workdir, ids[i]))]
   summary = {"make_cam": {"split": split, "images": len(source), "scales": list(config.cam.scales)}}
   if not todo:
-    log.info("make_cam: all %d maps of %s exist in %s", len(mine), split, maps_dir(workdir))
+    log.info("make_cam: all %d maps of %s exist in %s", len(mine), split, paths.cam_maps(workdir))
     return summary
 
   mesh = sharding.local_mesh(config.mesh.data)
@@ -349,11 +337,11 @@ def run(config, workdir: str) -> dict:
       channels = keys if with_bg else keys - 1
       high_res = normalise(fuse_scales([m[channels] for m in per_scale[j]], (h, w), up_multiple))
       strided = normalise(fuse_scales([m[channels] for m in per_scale[j]], (-(-h // 4), -(-w // 4))))
-      write_maps(map_path(workdir, el["id"]), keys, high_res, strided, config.cam.write_npy)
+      write_maps(paths.cam_map(workdir, el["id"]), keys, high_res, strided, config.cam.write_npy)
       faults.point(f"make_cam/image/{start + j + 1}")
     if start == 0:
       diskspace.require_like(
-          [map_path(workdir, el["id"]) for el in chunk], len(todo) - len(chunk), f"{len(todo)} CAM files"
+          [paths.cam_map(workdir, el["id"]) for el in chunk], len(todo) - len(chunk), f"{len(todo)} CAM files"
       )
     bar.update(len(chunk))
   bar.close()

@@ -17,22 +17,12 @@ import time
 import jax
 import numpy as np
 
-from cpal_jax import diskspace, faults, reporting
+from cpal_jax import diskspace, faults, paths, reporting
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.infer import cam as infer_cam
 
 SOURCES = ("refine", "seed")
-
-
-def masks_dir(workdir: str) -> str:
-  return os.path.join(workdir, "masks")
-
-
-def refined_dir(config, workdir: str) -> str:
-  """Where the refine stage leaves its class-index PNGs for config.refine.mode."""
-  where = {"irn": ("refine", "rw"), "crf": ("refine", "crf"), "ir_label": ("irn", "ir_label")}
-  return os.path.join(workdir, *where[config.refine.mode])
 
 
 def keeps_unsure(config) -> bool:
@@ -58,8 +48,8 @@ def seed_labels(maps: dict, threshold: float) -> np.ndarray:
 
 def _mask_of(config, workdir: str, image_id: str, threshold: float) -> np.ndarray:
   if config.export.source == "seed":
-    return seed_labels(infer_cam.load_maps(infer_cam.map_path(workdir, image_id)), threshold)
-  path = os.path.join(refined_dir(config, workdir), f"{image_id}.png")
+    return seed_labels(infer_cam.load_maps(paths.cam_map(workdir, image_id)), threshold)
+  path = os.path.join(paths.refined(config, workdir), f"{image_id}.png")
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"no refined mask {path}: run the refine stage first (--config.stages=refine,export), "
@@ -74,7 +64,7 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f"export.source={config.export.source!r}: choose one of {SOURCES}")
   split = config.cam.split or config.data.train_split
   ids = pipeline.make_source(config, split).ids()
-  out_dir = masks_dir(workdir)
+  out_dir = paths.masks(workdir)
   os.makedirs(out_dir, exist_ok=True)
   threshold = seed_threshold(config, workdir)
   mine = ids[jax.process_index() :: jax.process_count()]
@@ -87,8 +77,8 @@ def run(config, workdir: str) -> dict:
     palette.save_label_png(os.path.join(out_dir, f"{image_id}.png"), mask)
     faults.point(f"export/image/{n}")
     if n == min(8, len(todo)):
-      paths = [os.path.join(out_dir, f"{i}.png") for i in todo[:n]]
-      diskspace.require_like(paths, len(todo) - n, f"{len(todo)} pseudo masks")
+      written = [os.path.join(out_dir, f"{i}.png") for i in todo[:n]]
+      diskspace.require_like(written, len(todo) - n, f"{len(todo)} pseudo masks")
     bar.update(1)
   bar.close()
   result = score(config, workdir)
@@ -108,7 +98,7 @@ def score(config, workdir: str) -> dict:
   conf = np.zeros((config.data.num_classes,) * 2, np.int64)
   for i in range(len(source)):
     el = source[i]
-    path = os.path.join(masks_dir(workdir), f"{el['id']}.png")
+    path = os.path.join(paths.masks(workdir), f"{el['id']}.png")
     if not os.path.exists(path):
       raise FileNotFoundError(
           f"no exported mask {path} for {config.data.eval_split} image {el['id']}: data.eval_split must be "
@@ -124,7 +114,7 @@ def score(config, workdir: str) -> dict:
   rep = miou.report(conf, source.class_names)
   if jax.process_index() == 0:
     reporting.atomic_write_text(
-        os.path.join(masks_dir(workdir), "eval.json"),
+        os.path.join(paths.masks(workdir), "eval.json"),
         json.dumps({"split": config.data.eval_split, "images": len(source), **rep}, indent=2) + "\n",
     )
   return {"mask_miou": rep["miou"], "per_class_iou": {"mask": rep["per_class_iou"]}}

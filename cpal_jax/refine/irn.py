@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from cpal_jax import checkpointing
+from cpal_jax import checkpointing, paths
 from cpal_jax.data import label_png, pipeline, transforms
 from cpal_jax.models import irn as irn_model
 from cpal_jax.models import pretrained
@@ -41,14 +41,6 @@ log = logging.getLogger(__name__)
 
 IGNORE = transforms.IGNORE_INDEX
 POLY_POWER = 0.9  # IRN's PolyOptimizer exponent (the constructor argument it calls `momentum`)
-
-
-def ir_label_dir(workdir: str) -> str:
-  return os.path.join(workdir, "irn", "ir_label")
-
-
-def ckpt_dir(workdir: str) -> str:
-  return os.path.join(workdir, "irn", "ckpt")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -249,7 +241,7 @@ def train(config, workdir: str) -> dict:
   irn = config.refine.irn
   mesh = sharding.make_mesh(config.mesh.data)
   source = IRLabelSource(
-      pipeline.make_source(config, config.data.train_split), ir_label_dir(workdir), config.data.num_classes
+      pipeline.make_source(config, config.data.train_split), paths.ir_labels(workdir), config.data.num_classes
   )
   schedule = make_schedule(config, len(source))
   setup = build(config, mesh, schedule.num_steps)
@@ -257,8 +249,8 @@ def train(config, workdir: str) -> dict:
 
   spec = loop.Loop(
       name="train_irn",
-      ckpt_dir=ckpt_dir(workdir),
-      tb_dir=os.path.join(workdir, "irn", "tb"),
+      ckpt_dir=paths.irn_ckpt(workdir),
+      tb_dir=paths.irn_tb(workdir),
       meta=fingerprint(config, schedule.num_steps),
       schedule=schedule,
       lr=optim.poly(irn.lr, schedule.num_steps, POLY_POWER),
@@ -365,7 +357,7 @@ def _check_image(image) -> None:
 
 def load_edge_fn(config, workdir: str, batch_size: int = 8) -> EdgePredictor:
   """The edge map of the trained boundary network in `{workdir}/irn/ckpt` (its latest step)."""
-  directory = ckpt_dir(workdir)
+  directory = paths.irn_ckpt(workdir)
   ckpt = checkpointing.Checkpointer(directory, async_save=False) if os.path.isdir(directory) else None
   step = ckpt.latest_step() if ckpt else None
   if step is None:

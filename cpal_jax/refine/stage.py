@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from cpal_jax import faults, image_ops, reporting
+from cpal_jax import faults, image_ops, paths, reporting
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.infer import cam as infer_cam
@@ -34,14 +34,6 @@ from cpal_jax.refine import crf, irn, random_walk
 
 log = logging.getLogger(__name__)
 MODES = ("irn", "ir_label", "crf")
-
-
-def crf_dir(workdir: str) -> str:
-  return os.path.join(workdir, "refine", "crf")
-
-
-def rw_dir(workdir: str) -> str:
-  return os.path.join(workdir, "refine", "rw")
 
 
 # Per-process source cache of the CRF workers: a VOC source reads its split and label files once.
@@ -60,7 +52,7 @@ def _crf_job(job) -> str:
   """Probability CRF of one seed -> class-index PNG (a pool worker: top-level and picklable)."""
   config, workdir, split, index, threshold, out = job
   el = _image(config, split, index)
-  maps = infer_cam.load_maps(infer_cam.map_path(workdir, el["id"]))
+  maps = infer_cam.load_maps(paths.cam_map(workdir, el["id"]))
   with_bg = bool(len(maps["keys"]) and maps["keys"][0] == 0)
   probs = crf.seed_probs(maps["high_res"], with_bg, threshold)
   keys = maps["keys"] if with_bg else np.concatenate([[0], maps["keys"]])
@@ -73,7 +65,7 @@ def _ir_label_job(job) -> str:
   """cam_to_ir_label of one image -> PNG of class ids with 255 = unsure (a pool worker)."""
   config, workdir, split, index, out = job
   el = _image(config, split, index)
-  maps = infer_cam.load_maps(infer_cam.map_path(workdir, el["id"]))
+  maps = infer_cam.load_maps(paths.cam_map(workdir, el["id"]))
   with_bg = bool(len(maps["keys"]) and maps["keys"][0] == 0)
   idx = crf.ir_label(el["image"], maps["high_res"], with_bg, **config.refine.ir_label)
   keys = maps["keys"] if with_bg else np.concatenate([[0], maps["keys"]])
@@ -106,7 +98,7 @@ def _score_dir(config, out_dir: str) -> dict:
 def run_crf(config, workdir: str, split: str) -> dict:
   """PSA's probability CRF on the seeds of `split` -> refine/crf/<id>.png; crf_miou on eval_split."""
   source = pipeline.make_source(config, split)
-  out_dir = crf_dir(workdir)
+  out_dir = paths.crf_masks(workdir)
   os.makedirs(out_dir, exist_ok=True)
   threshold = export.seed_threshold(config, workdir)
   mine = range(jax.process_index(), len(source), jax.process_count())
@@ -124,7 +116,7 @@ def run_crf(config, workdir: str, split: str) -> dict:
 
 def make_ir_labels(config, workdir: str, split: str) -> None:
   source = pipeline.make_source(config, split)
-  out_dir = irn.ir_label_dir(workdir)
+  out_dir = paths.ir_labels(workdir)
   os.makedirs(out_dir, exist_ok=True)
   mine = range(jax.process_index(), len(source), jax.process_count())
   ids = source.ids()
@@ -165,7 +157,7 @@ def walk_labels(config, maps: dict, edge: np.ndarray, size: tuple[int, int], buc
 
 def run_walk(config, workdir: str, split: str) -> None:
   source = pipeline.make_source(config, split)
-  out_dir = rw_dir(workdir)
+  out_dir = paths.rw_masks(workdir)
   os.makedirs(out_dir, exist_ok=True)
   mine = range(jax.process_index(), len(source), jax.process_count())
   todo = _pending(source, out_dir, mine)
@@ -175,7 +167,7 @@ def run_walk(config, workdir: str, split: str) -> None:
   bar = reporting.progress(len(mine), "refine/random_walk", initial=len(mine) - len(todo))
   for n, i in enumerate(todo, 1):
     el = source[i]
-    maps = infer_cam.load_maps(infer_cam.map_path(workdir, el["id"]))
+    maps = infer_cam.load_maps(paths.cam_map(workdir, el["id"]))
     labels = walk_labels(
         config, maps, edge_fn(el["image"]), el["image"].shape[:2], config.refine.walk.pad_multiple
     )

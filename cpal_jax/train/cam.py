@@ -7,7 +7,6 @@ and resumes from the workdir.
 
 import dataclasses
 import logging
-import os
 from typing import Callable
 
 import jax
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cpal_jax import checkpointing, image_ops
+from cpal_jax import checkpointing, image_ops, paths
 from cpal_jax.data import pipeline
 from cpal_jax.method import objectives, ppc
 from cpal_jax.models import cam_net, pretrained
@@ -142,10 +141,6 @@ def build(config, mesh, num_train: int) -> Setup:
   return Setup(model, schedule, step_fn, abstract, init_state, from_variables, recluster)
 
 
-def ckpt_dir(workdir: str) -> str:
-  return os.path.join(workdir, "cam", "ckpt")
-
-
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) the CAM network; returns the stage's summary entries."""
   mesh = sharding.make_mesh(config.mesh.data)
@@ -156,8 +151,8 @@ def train(config, workdir: str) -> dict:
   t = config.train
   spec = loop.Loop(
       name="train_cam",
-      ckpt_dir=ckpt_dir(workdir),
-      tb_dir=os.path.join(workdir, "cam", "tb"),
+      ckpt_dir=paths.cam_ckpt(workdir),
+      tb_dir=paths.cam_tb(workdir),
       meta=checkpointing.fingerprint(config, {"train.num_steps": schedule.num_steps}),
       schedule=schedule,
       lr=optim.poly(t.lr, schedule.num_steps, t.poly_power),
@@ -210,7 +205,7 @@ def load_params(config, workdir: str, mesh):
   network in cam.weights (step None) when set."""
   if config.cam.get("weights"):
     return load_weights(config, mesh, config.cam.weights)
-  ckpt = checkpointing.Checkpointer(ckpt_dir(workdir), keep=config.train.ckpt_keep, async_save=False)
+  ckpt = checkpointing.Checkpointer(paths.cam_ckpt(workdir), keep=config.train.ckpt_keep, async_save=False)
   step = ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(

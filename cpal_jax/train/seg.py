@@ -24,7 +24,6 @@ non-finite loss, TensorBoard scalars and a progress bar.
 import dataclasses
 import json
 import logging
-import os
 from typing import Callable
 
 import grain
@@ -36,9 +35,8 @@ import optax
 from flax import traverse_util
 from PIL import Image
 
-from cpal_jax import checkpointing
+from cpal_jax import checkpointing, paths
 from cpal_jax.data import label_png, pipeline, transforms
-from cpal_jax.infer import export
 from cpal_jax.models import deeplab, pretrained
 from cpal_jax.parallel import sharding
 from cpal_jax.train import loop, optim, state as state_lib
@@ -108,10 +106,6 @@ def default_config() -> ml_collections.ConfigDict:
 def init_name(seg_cfg) -> str:
   """Where the backbone started, as the summaries record it."""
   return "cam" if seg_cfg.init_from_cam else (seg_cfg.pretrained or "random")
-
-
-def ckpt_dir(workdir: str) -> str:
-  return os.path.join(workdir, "seg", "ckpt")
 
 
 def train_split(config) -> str:
@@ -367,7 +361,7 @@ def cam_backbone(config, workdir: str) -> dict[str, np.ndarray]:
         f"seg.init_from_cam needs seg.backbone == model.backbone and seg.layout=torchvision "
         f"(got {s.backbone!r}/{s.layout!r} vs the CAM network's {config.model.backbone!r})"
     )
-  directory = cam_stage.ckpt_dir(workdir)
+  directory = paths.cam_ckpt(workdir)
   if not checkpointing.has_checkpoint(directory):
     raise FileNotFoundError(
         f"seg.init_from_cam: no CAM checkpoint in {directory}; run train_cam first or set seg.init_from_cam=False"
@@ -457,11 +451,11 @@ def train(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh.data)
   split = train_split(config)
   source = PseudoMaskSource(
-      pipeline.make_source(config, split), export.masks_dir(workdir), config.data.num_classes
+      pipeline.make_source(config, split), paths.masks(workdir), config.data.num_classes
   )
   schedule = make_schedule(config, len(source))
   sharding.check_batch(s.batch_size, mesh)
-  resuming = checkpointing.has_checkpoint(ckpt_dir(workdir))
+  resuming = checkpointing.has_checkpoint(paths.seg_ckpt(workdir))
   setup = build(
       config,
       mesh,
@@ -472,8 +466,8 @@ def train(config, workdir: str) -> dict:
 
   spec = loop.Loop(
       name="train_seg",
-      ckpt_dir=ckpt_dir(workdir),
-      tb_dir=os.path.join(workdir, "seg", "tb"),
+      ckpt_dir=paths.seg_ckpt(workdir),
+      tb_dir=paths.seg_tb(workdir),
       meta=fingerprint(config, schedule.num_steps),
       schedule=schedule,
       lr=optim.poly(s.lr, schedule.num_steps, s.poly_power),
@@ -512,7 +506,7 @@ def train(config, workdir: str) -> dict:
 
 def load_model(config, workdir: str, mesh):
   """(model, variables replicated over `mesh`, step) of the latest checkpoint in {workdir}/seg/ckpt."""
-  ckpt = checkpointing.Checkpointer(ckpt_dir(workdir), keep=config.seg.ckpt_keep, async_save=False)
+  ckpt = checkpointing.Checkpointer(paths.seg_ckpt(workdir), keep=config.seg.ckpt_keep, async_save=False)
   step = ckpt.latest_step()
   if step is None:
     ckpt.close()
@@ -528,4 +522,4 @@ def load_model(config, workdir: str, mesh):
 
 
 def latest_step(workdir: str) -> int | None:
-  return checkpointing.latest_step(ckpt_dir(workdir))
+  return checkpointing.latest_step(paths.seg_ckpt(workdir))
