@@ -61,6 +61,20 @@ def restore_raw_state(directory: str) -> dict:
     ckpt.close()
 
 
+def restore_parts(directory: str, step: int, parts: dict) -> dict:
+  """The top-level entries `parts` names of checkpoint `step`'s state (e.g. params and batch_stats),
+  restored into their shapes, dtypes and shardings: inference reads the network without the
+  optimiser state or anything else training kept."""
+  item = jax.tree.map(ocp.utils.to_shape_dtype_struct, parts)
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
+  ckpt = Checkpointer(directory, async_save=False)
+  try:
+    args = ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
+    return ckpt._mngr.restore(step, args=ocp.args.Composite(state=args))["state"]  # pylint: disable=protected-access
+  finally:
+    ckpt.close()
+
+
 def latest_step(directory: str) -> int | None:
   """The newest finished checkpoint's step, or None (without creating the folder)."""
   if not os.path.isdir(directory):

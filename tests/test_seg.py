@@ -512,7 +512,7 @@ def test_resume_from_a_killed_run_is_bit_identical(straight, tmp_path):
   for step in ("4", "6"):
     shutil.rmtree(os.path.join(paths.seg_ckpt(resumed), step))
   out = seg.train(seg_config(**{"seg.stop_at_step": 4}), resumed)["train_seg"]
-  assert out["steps"] == 4 and seg.latest_step(resumed) == 4
+  assert out["steps"] == 4 and checkpointing.latest_step(paths.seg_ckpt(resumed)) == 4
   a, b = restore(config, workdir, 4), restore(config, resumed, 4)
   jax.tree.map(np.testing.assert_array_equal, a, b)  # params, BN statistics, momentum, step
 
@@ -550,7 +550,7 @@ def test_evaluate_scores_and_resumes(straight, monkeypatch):
   monkeypatch.setattr(seg_eval, "_crf_job", lambda job: (jobs.append(job), crf_job(job))[1])
   # Six steps from random init predict background everywhere, where a CRF has nothing to do: the
   # ASPP head is perturbed at load so that the logits vary and both columns have work to do.
-  load_model = seg.load_model
+  load_model = seg_eval.load_model
 
   def perturbed_load_model(*args):
     model, variables, step = load_model(*args)
@@ -560,7 +560,7 @@ def test_evaluate_scores_and_resumes(straight, monkeypatch):
     params = {**variables["params"], "aspp": jax.tree.unflatten(treedef, leaves)}
     return model, {**variables, "params": params}, step
 
-  monkeypatch.setattr(seg, "load_model", perturbed_load_model)
+  monkeypatch.setattr(seg_eval, "load_model", perturbed_load_model)
   out = seg_eval.evaluate(config, workdir)
   assert 0 <= out["seg_val_miou"] <= 100 and 0 <= out["seg_val_miou_crf"] <= 100
   # The CRF column pinned: every image's fused logits (those the plain argmax used), upsampled,

@@ -28,19 +28,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpal_jax import image_ops, paths, provenance, reporting
+from cpal_jax import checkpointing, image_ops, paths, provenance, reporting
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.models import deeplab
 from cpal_jax.parallel import sharding
 from cpal_jax.refine import crf
-from cpal_jax.train import seg as seg_stage
 
 log = logging.getLogger(__name__)
 
 # Images whose logits wait for the CRF pool at once: bounds host memory (COCO's 81-class logits
 # are ~1.4 MB an image) while each pool start is amortised over many ~1 s CRF jobs.
 CRF_CHUNK = 256
+
+
+
+def load_model(config, workdir: str, mesh):
+  """(model, variables replicated over `mesh`, step) of the latest train_seg checkpoint: the
+  parameters and BatchNorm statistics only, without the optimiser state training kept."""
+  step = checkpointing.latest_step(paths.seg_ckpt(workdir))
+  if step is None:
+    raise FileNotFoundError(
+        f"no DeepLab checkpoint in {paths.seg_ckpt(workdir)}: run the train_seg stage first "
+        "(--config.stages=train_seg,eval_seg)"
+    )
+  model = deeplab.from_config(config)
+  repl = sharding.replicated(mesh)
+  dummy = jnp.zeros((1, config.seg.crop_size, config.seg.crop_size, 3), jnp.float32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)
+  parts = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), shapes)
+  variables = checkpointing.restore_parts(paths.seg_ckpt(workdir), step, parts)
+  return model, variables, step
 
 
 def make_predict(model, seg_cfg):
@@ -113,7 +131,7 @@ def _predict(config, workdir: str, source, todo: list[int], out_dirs: list[str])
   """Writes the missing PNGs of the images `todo` of `source`."""
   ev = config.seg.eval
   mesh = sharding.local_mesh(config.mesh.data)
-  model, variables, _ = seg_stage.load_model(config, workdir, mesh)
+  model, variables, _ = load_model(config, workdir, mesh)
   predict = make_predict(model, config.seg)
   n_dev = mesh.shape[sharding.DATA]
   batch_size = -(-ev.batch_size // n_dev) * n_dev
@@ -182,7 +200,7 @@ def evaluate(config, workdir: str) -> dict:
   ev = config.seg.eval
   split = config.data.val_split
   source = pipeline.make_source(config, split, with_mask=True)
-  step = seg_stage.latest_step(workdir)
+  step = checkpointing.latest_step(paths.seg_ckpt(workdir))
   if step is None:
     raise FileNotFoundError(
         f"no DeepLab checkpoint in {paths.seg_ckpt(workdir)}: run the train_seg stage first "
@@ -222,7 +240,7 @@ def evaluate(config, workdir: str) -> dict:
       "scales": list(ev.scales),
       "flip": bool(ev.flip),
       "crf": bool(ev.crf),
-      "init": seg_stage.init_name(config.seg),
+      "init": deeplab.init_name(config.seg),
       "predict_seconds": round(t_pred, 1),
       "seconds": round(time.time() - t0, 1),
   }

@@ -273,3 +273,8 @@ def convert_torch_state(state: Mapping[str, np.ndarray], layout: str) -> dict[st
   if not out:
     raise ValueError(f"no {layout} ResNet tensor among the {len(state)} keys; is it the other layout?")
   return out
+
+
+def init_name(seg_cfg) -> str:
+  """Where the backbone started, as the summaries record it."""
+  return "cam" if seg_cfg.init_from_cam else (seg_cfg.pretrained or "random")

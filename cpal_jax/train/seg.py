@@ -103,11 +103,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def init_name(seg_cfg) -> str:
-  """Where the backbone started, as the summaries record it."""
-  return "cam" if seg_cfg.init_from_cam else (seg_cfg.pretrained or "random")
-
-
 def train_split(config) -> str:
   """The images that have pseudo masks: the ones make_cam labelled and export wrote."""
   return config.cam.split or config.data.train_split
@@ -498,28 +493,7 @@ def train(config, workdir: str) -> dict:
           "final_loss": res.last.get("loss/total"),
           "images_per_second": res.images_per_second(schedule.global_batch),
           "skipped_steps": res.skipped_steps,
-          "init": init_name(s),
+          "init": deeplab.init_name(s),
           "layout": s.layout,
       }
   }
-
-
-def load_model(config, workdir: str, mesh):
-  """(model, variables replicated over `mesh`, step) of the latest checkpoint in {workdir}/seg/ckpt."""
-  ckpt = checkpointing.Checkpointer(paths.seg_ckpt(workdir), keep=config.seg.ckpt_keep, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    ckpt.close()
-    raise FileNotFoundError(
-        f"no DeepLab checkpoint in {ckpt.directory}: run the train_seg stage first "
-        "(--config.stages=train_seg,eval_seg)"
-    )
-  # Optimiser shapes do not depend on the schedule length; the step count is a placeholder.
-  setup = build(config, mesh, num_steps=1)
-  state, _ = ckpt.restore(step, setup.abstract_state)
-  ckpt.close()
-  return setup.model, {"params": state.params, "batch_stats": state.batch_stats}, step
-
-
-def latest_step(workdir: str) -> int | None:
-  return checkpointing.latest_step(paths.seg_ckpt(workdir))
