@@ -33,9 +33,9 @@ import numpy as np
 from cpal_jax import image_ops, paths, reporting
 from cpal_jax.data import palette, pipeline, synthetic
 from cpal_jax.infer import cam as infer_cam
+from cpal_jax.infer import network
 from cpal_jax.models import cam_net
 from cpal_jax.parallel import distributed, sharding
-from cpal_jax.train import cam as cam_stage
 from cpal_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def _run_network(config, workdir: str, views: list[View]) -> Net | None:
     return None
   try:
     # The mesh make_cam uses: CPAL's class axis is padded to the device count it was saved with.
-    model, variables, extra, _ = cam_stage.load_params(config, workdir, sharding.local_mesh(config.mesh.data))
+    model, variables, extra, _ = network.load(config, workdir, sharding.local_mesh(config.mesh.data))
   except FileNotFoundError:
     return None
   # On the host, then one default device: replicated over a mesh of fake CPU devices, the same

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from cpal_jax import paths, stages as cli
+from cpal_jax import paths
+from cpal_jax import stages as cli
 from cpal_jax.data import palette
 from test_train import tiny_config
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import synthetic as synthetic_config
-from cpal_jax import paths, stages as cli
+from cpal_jax import paths
+from cpal_jax import stages as cli
+from cpal_jax.infer import network
 from cpal_jax.parallel import sharding
 from cpal_jax.train import cam as cam_stage
 
@@ -55,7 +57,7 @@ def tree_state(root: str) -> dict:
 
 
 def final_params(config, workdir):
-  _, variables, _, step = cam_stage.load_params(config, workdir, sharding.make_mesh(config.mesh.data))
+  _, variables, _, step = network.load(config, workdir, sharding.make_mesh(config.mesh.data))
   return step, jax.tree.map(np.asarray, variables["params"])
 
 

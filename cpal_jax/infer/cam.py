@@ -35,10 +35,10 @@ from PIL import Image
 
 from cpal_jax import checkpointing, diskspace, faults, image_ops, paths, provenance, reporting
 from cpal_jax.data import pipeline
+from cpal_jax.infer import network
 from cpal_jax.method import cpal, sipe
 from cpal_jax.models import cam_net
 from cpal_jax.parallel import sharding
-from cpal_jax.train import cam as cam_stage
 from cpal_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ def run(config, workdir: str) -> dict:
     return summary
 
   mesh = sharding.local_mesh(config.mesh.data)
-  model, variables, extra, step = cam_stage.load_params(config, workdir, mesh)
+  model, variables, extra, step = network.load(config, workdir, mesh)
   if config.method.name == "cpal" and config.method.cpal.refresh_bank:
     extra = refresh_bank(config, model, variables, extra, mesh)
   predict = make_predict(model, config)

@@ -11,7 +11,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from cpal_jax import checkpointing, image_ops, paths
@@ -89,7 +88,6 @@ class Setup:
   step_fn: Callable  # jitted (state, batch, key) -> (state, metrics)
   abstract_state: state_lib.TrainState  # shapes, dtypes and shardings: enough to restore
   init_state: Callable[[], state_lib.TrainState]  # a fresh (or pretrained) sharded state
-  from_variables: Callable[[dict], state_lib.TrainState]  # step 0 of given variables, sharded
   recluster: Callable | None  # jitted (extra, key) -> extra: CPAL's k-means at epoch starts
 
 
@@ -119,14 +117,12 @@ def build(config, mesh, num_train: int) -> Setup:
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings
   )
 
-  from_variables = jax.jit(fresh, out_shardings=shardings)
-
   def init_state():
     variables = jax.jit(model.init, out_shardings=repl)(key, dummy)
     if config.model.pretrained:
       variables, n = pretrained.load_into(variables, config.model.pretrained, prefix="backbone")
       log.info("loaded %d tensors from %s", n, config.model.pretrained)
-    return from_variables(variables)
+    return jax.jit(fresh, out_shardings=shardings)(variables)
 
   train_step = make_train_step(model, tx, config)
   if config.train.nonfinite == "skip":
@@ -138,7 +134,7 @@ def build(config, mesh, num_train: int) -> Setup:
       donate_argnums=(0,),
   )
   recluster = objectives.make_recluster(config, shardings.extra) if config.method.name == "cpal" else None
-  return Setup(model, schedule, step_fn, abstract, init_state, from_variables, recluster)
+  return Setup(model, schedule, step_fn, abstract, init_state, recluster)
 
 
 def train(config, workdir: str) -> dict:
@@ -198,49 +194,3 @@ def train(config, workdir: str) -> dict:
           **fill,
       },
   }
-
-
-def load_params(config, workdir: str, mesh):
-  """The final trained model, variables and method state (CPAL's centres) of the CAM stage, or the
-  network in cam.weights (step None) when set."""
-  if config.cam.get("weights"):
-    return load_weights(config, mesh, config.cam.weights)
-  ckpt = checkpointing.Checkpointer(paths.cam_ckpt(workdir), keep=config.train.ckpt_keep, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(
-        f"no CAM checkpoint in {ckpt.directory}: run the train_cam stage first "
-        "(--config.stages=train_cam,...)"
-    )
-  source_len = len(pipeline.make_source(config, config.data.train_split))
-  setup = build(config, mesh, source_len)
-  state, _ = ckpt.restore(step, setup.abstract_state)
-  ckpt.close()
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return setup.model, variables, state.extra, step
-
-
-def load_weights(config, mesh, path: str):
-  """A whole CAM network from a weight file (convert_weights of an upstream SIPE checkpoint): every
-  parameter and BatchNorm statistic must be in it. CPAL's bank is not: method.cpal.refresh_bank
-  builds it from the training split with these weights."""
-  if config.method.name == "cpal" and not config.method.cpal.refresh_bank:
-    raise ValueError(
-        f"cam.weights={path} holds a network but no CPAL bank; set --config.method.cpal.refresh_bank=True "
-        "to build the bank from the training split with these weights"
-    )
-  setup = build(config, mesh, len(pipeline.make_source(config, config.data.train_split)))
-  shapes = {"params": setup.abstract_state.params, "batch_stats": setup.abstract_state.batch_stats}
-  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  flat = pretrained.read_flat(path)
-  variables, n = pretrained.load_flat_into(zeros, flat, path)
-  expected = len(jax.tree.leaves(zeros))
-  if n != expected:
-    have = {k.split("/")[1] for k in flat if "/" in k}
-    raise ValueError(
-        f"cam.weights={path} holds {n} of the CAM network's {expected} tensors (modules {sorted(have)}); "
-        "it must be a whole network (python -m cpal_jax.convert_weights of a SIPE checkpoint), not a backbone"
-    )
-  log.info("read the CAM network from %s (%d tensors)", path, n)
-  state = setup.from_variables(variables)
-  return setup.model, {"params": state.params, "batch_stats": state.batch_stats}, state.extra, None
