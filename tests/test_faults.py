@@ -15,8 +15,6 @@ import pytest
 
 from cpal_jax import checkpointing, paths
 from cpal_jax.infer import cam as infer_cam
-from cpal_jax.infer import export
-from cpal_jax.refine import stage as refine
 from cpal_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +124,7 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(tmp_path):
   for f in maps_a:
     for k in ("keys", "high_res", "cam"):
       np.testing.assert_array_equal(maps_a[f][k], maps_b[f][k], err_msg=f"{f}:{k}")
-  for directory in (refine.rw_dir, export.masks_dir):
+  for directory in (paths.rw_masks, paths.masks):
     assert pngs(directory(straight)) == pngs(directory(faulty)), directory.__name__
   summaries = [json.load(open(os.path.join(w, "summary.json"))) for w in (straight, faulty)]
   for key in ("seed_miou", "mask_miou"):
