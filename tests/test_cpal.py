@@ -1,4 +1,4 @@
-"""CPAL (METHOD.md 3, Eqs. 4-14) against plain-numpy float64 references.
+"""CPAL (docs/method.md 3, Eqs. 4-14) against plain-numpy float64 references.
 
 The references loop over images, classes, neighbours and pixels and share nothing with the jnp code
 but the formulas; SIPE's structure seeds (tested in test_sipe.py) are borrowed for the background
@@ -137,7 +137,7 @@ def np_self_loss(norm_cam, pacam, loss_mask):
 
 
 def np_cpal_maps(cam, feats, labels, valid, st, cfg, bg_feature=None, frozen=None):
-  """The CPAL branch composed from the references above (METHOD.md 3.11 steps 2-4).
+  """The CPAL branch composed from the references above (docs/method.md 3.11 steps 2-4).
 
   st: numpy dict of the CPALState fields. frozen may pin "sel", "w", "xi", "seeds" to values from
   another call, so a finite difference treats them as the constants the method says they are.
@@ -464,7 +464,7 @@ def test_alignment_shift():
   r = rand((k, D), 14)
   shift = lambda p, m: jnp.sum(r * cpal.alignment_shift(p, jnp.asarray(pvalid), m, jnp.asarray(ready)))
   g = jax.grad(shift, argnums=(0, 1))(jnp.asarray(protos), jnp.asarray(bank_mean))
-  for gi in g:  # xi is a constant of the step (METHOD.md 3.7)
+  for gi in g:  # xi is a constant of the step (docs/method.md 3.7)
     np.testing.assert_array_equal(np.asarray(gi), 0.0)
 
 
@@ -728,7 +728,7 @@ def ref_directional(cam, feats, labels, valid, np_st, cfg, freeze, dcam, dfeat, 
 @pytest.mark.parametrize("case", ["default", "one_minus_max", "fda_both_half"])
 def test_self_loss_gradient_routing(case):
   """L_self's gradient reaches the CAM and f; the context prototypes, w and xi are constants
-  (METHOD.md 3.9), so it equals the reference's finite difference with those pinned."""
+  (docs/method.md 3.9), so it equals the reference's finite difference with those pinned."""
   cfg = make_cfg(**MAP_CASES[case])
   cam, feats, labels, valid = make_inputs(42)
   st, np_st = make_state(43)
