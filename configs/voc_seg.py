@@ -19,14 +19,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import voc  # noqa: E402  (configs are loaded by file path, not as a package)
 
-from cpal_jax.train import seg  # noqa: E402
-
 
 def get_config():
   c = voc.get_config()
-  c.stages = "train_seg,eval_seg"
-  if "seg" not in c:
-    c.seg = seg.default_config()  # the VOC recipe is the default
+  c.stages = "train_seg,eval_seg"  # common.base()'s seg keys are the VOC recipe
   # DeepLab's caffe test pads every image to 513x513 (8 * 64 + 1 cells): one compile for all of val.
   c.seg.eval.pad_multiple = 513
   return c
