@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpal_jax import checkpointing, paths
-from cpal_jax.data import pipeline
 from cpal_jax.method import objectives
 from cpal_jax.models import cam_net, pretrained
 from cpal_jax.parallel import sharding
@@ -65,7 +64,6 @@ def load_weights(config, mesh, path: str):
         f"cam.weights={path} holds a network but no CPAL bank; set --config.method.cpal.refresh_bank=True "
         "to build the bank from the training split with these weights"
     )
-  pipeline.make_source(config, config.data.train_split)  # the data a CPAL bank refresh will read
   model, parts, feat_dim = spec(config, mesh)
   shapes = {"params": parts["params"], "batch_stats": parts["batch_stats"]}
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)

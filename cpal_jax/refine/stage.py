@@ -186,13 +186,11 @@ def run(config, workdir: str) -> dict:
   out = {"refine": {"mode": mode, "split": split}}
   if mode == "crf":
     out.update(run_crf(config, workdir, split))
-  elif mode == "ir_label":
+  else:  # irn and ir_label share the "w/ CRF" figure and the IR labels
     out.update(run_crf(config, workdir, config.data.eval_split))
     make_ir_labels(config, workdir, split)
-  else:
-    out.update(run_crf(config, workdir, config.data.eval_split))
-    make_ir_labels(config, workdir, split)
-    out.update(irn.train(config, workdir))
-    run_walk(config, workdir, split)
+    if mode == "irn":
+      out.update(irn.train(config, workdir))
+      run_walk(config, workdir, split)
   out["refine"]["seconds"] = round(time.time() - t0, 1)
   return out
