@@ -2,7 +2,6 @@
 config keys a resumed run must agree with. Writes are atomic (orbax finalises a step directory
 only when complete), so a half-written checkpoint is never restored."""
 
-import json
 import os
 
 import grain
@@ -75,6 +74,18 @@ def restore_parts(directory: str, step: int, parts: dict) -> dict:
     ckpt.close()
 
 
+def restore_latest_parts(directory: str, parts: dict, sharding, missing: str) -> tuple[dict, int]:
+  """(parts restored from the newest finished checkpoint of `directory`, its step). `parts`: shapes
+  and dtypes (e.g. a model's abstract variables), placed with `sharding` (None: each leaf's own);
+  `missing` says what to run when there is no checkpoint."""
+  step = latest_step(directory)
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {os.path.abspath(directory)}: {missing}")
+  if sharding is not None:
+    parts = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), parts)
+  return restore_parts(directory, step, parts), step
+
+
 def latest_step(directory: str) -> int | None:
   """The newest finished checkpoint's step, or None (without creating the folder)."""
   if not os.path.isdir(directory):
@@ -99,38 +110,3 @@ def check_compatible(saved: dict, current: dict, directory: str) -> None:
         f"the checkpoint in {directory} was made with a different config ({lines}); "
         "use another --workdir or restore those keys"
     )
-
-
-def fingerprint(config, extra: dict | None = None) -> dict:
-  """The config keys that must match for a checkpoint to be resumed (JSON-stable values)."""
-  fp = {
-      "data.name": config.data.name,
-      "data.num_classes": config.data.num_classes,
-      "model.backbone": config.model.backbone,
-      "model.strides": list(config.model.strides),
-      "model.side_dims": list(config.model.side_dims),
-      "model.batch_norm": config.model.batch_norm,
-      # None for the default keeps checkpoints written before this key resumable.
-      "model.dilations": None
-      if tuple(config.model.get("dilations", (1, 1, 1, 1))) == (1, 1, 1, 1)
-      else list(config.model.dilations),
-      "method.name": config.method.name,
-      "train.batch_size": config.train.batch_size,
-      "seed": config.seed,
-  }
-  if config.method.name == "cpal":
-    # The support bank and its centres are part of the state: their shapes must match.
-    p = config.method.cpal
-    fp.update(
-        {
-            "method.cpal.capacity": p.capacity,
-            "method.cpal.num_clusters": p.num_clusters,
-            "method.cpal.proj_head": p.proj_head,
-            "method.cpal.proj_dim": p.proj_dim,
-            # bank_bg adds the background row to the bank; the other modes share one shape, and
-            # None for them keeps checkpoints written before this key resumable.
-            "method.cpal.bg_mode": p.bg_mode if p.bg_mode == "bank_bg" else None,
-        }
-    )
-  fp.update(extra or {})
-  return json.loads(json.dumps(fp))

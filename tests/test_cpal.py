@@ -1241,7 +1241,7 @@ def test_objectives_wiring_snclr_push_gate_and_bank_shape():
   assert objectives.init_state(bg, D, 1).bank.feats.shape[0] == K + 1
   assert objectives.init_state(bg, D, 3).bank.feats.shape[0] == 6
   assert objectives.init_state(plain, D, 3).bank.feats.shape[0] == 3
-  fp = checkpointing.fingerprint
+  fp = lambda c: cam_stage.fingerprint(c, 1)
   assert fp(bg)["method.cpal.bg_mode"] == "bank_bg" and fp(plain)["method.cpal.bg_mode"] is None
   for saved, current in ((plain, bg), (bg, plain)):
     with pytest.raises(ValueError, match="method.cpal.bg_mode"):

@@ -18,7 +18,9 @@ from cpal_jax.data import palette, pipeline
 from cpal_jax.models import irn as irn_model
 from cpal_jax.models import resnet
 from cpal_jax.parallel import sharding
-from cpal_jax.refine import affinity, irn
+from cpal_jax.refine import affinity
+from cpal_jax.refine import irn as edges
+from cpal_jax.train import irn
 from cpal_jax.train import state as state_lib
 from test_train import tree_state
 
@@ -273,7 +275,7 @@ def test_changed_backbone_is_refused_on_resume(straight, tmp_path):
 # -------------------------------------------------------------------------------------- inference
 def test_edge_maps_shapes_flip_symmetry_and_batches(straight):
   config, workdir, _ = straight
-  edge_fn = irn.load_edge_fn(config, workdir, batch_size=2)
+  edge_fn = edges.load_edge_fn(config, workdir, batch_size=2)
   rng = np.random.default_rng(0)
   # Both sizes fall in the 64x64 bucket (pad_multiple 32): one compile per batch size.
   a = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
@@ -307,7 +309,7 @@ def test_edge_map_is_the_sigmoid_of_the_mean_logits():
   """IRN's EdgeDisplacement: sigmoid((logits(x) + flip(logits(flip x))) / 2), not the mean of the
   two sigmoids, each image padded bottom/right to the bucket and cropped to ceil(H/4) x ceil(W/4)."""
   net, variables, pad = _RampNet(), {"scale": 4.0}, 32
-  predictor = irn.EdgePredictor(net, variables, pad)
+  predictor = edges.EdgePredictor(net, variables, pad)
   rng = np.random.default_rng(3)
   image = rng.integers(0, 255, (50, 62, 3), dtype=np.uint8)
   h, w = image.shape[:2]
@@ -333,4 +335,4 @@ def test_edge_map_is_the_sigmoid_of_the_mean_logits():
 
 def test_edge_fn_without_checkpoint_says_what_to_run(tmp_path):
   with pytest.raises(FileNotFoundError, match="refine"):
-    irn.load_edge_fn(tiny_config(), str(tmp_path))
+    edges.load_edge_fn(tiny_config(), str(tmp_path))

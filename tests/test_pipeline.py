@@ -10,7 +10,7 @@ from test_train import tiny_config
 
 def _batches(config, n, **kw):
   source = pipeline.make_source(config, config.data.train_split)
-  schedule = pipeline.make_schedule(config, len(source))
+  schedule = pipeline.make_schedule(config.train, len(source))
   it = pipeline.train_iterator(config, source, schedule, **kw)
   out = [next(it) for _ in range(n)]
   it.close()
@@ -44,7 +44,7 @@ def test_worker_processes_give_the_same_batches():
 def test_drop_last_and_new_order_each_epoch():
   config = tiny_config(**{"data.num_train": 36})  # 36 images, batch 8: 4 batches, 4 dropped per epoch
   source = pipeline.make_source(config, "train")
-  schedule = pipeline.make_schedule(config, len(source))
+  schedule = pipeline.make_schedule(config.train, len(source))
   assert schedule.steps_per_epoch == 4
   ds = pipeline.train_dataset(config, source, schedule)
   assert len(ds) == 2 * schedule.steps_per_epoch  # 6 steps reach into a second whole epoch
@@ -70,4 +70,4 @@ def test_processes_split_each_global_batch():
 def test_batch_larger_than_the_data_is_an_error():
   config = tiny_config(**{"train.batch_size": 64})
   with pytest.raises(ValueError, match="batch_size"):
-    pipeline.make_schedule(config, 32)
+    pipeline.make_schedule(config.train, 32)

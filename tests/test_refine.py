@@ -34,7 +34,7 @@ def test_ir_labels_are_class_ids_with_unsure_band(tmp_path):
   config = tiny_config(**{"refine.workers": 1, "data.num_train": 4})
   workdir = str(tmp_path)
   source = write_gt_maps(config, workdir)
-  refine.make_ir_labels(config, workdir, config.data.train_split)
+  refine.make_ir_labels(config, workdir, config.data.train_split, source)
   el = pipeline_item(config, 1)
   lab = palette.load_label_png(os.path.join(paths.ir_labels(workdir), f"{el['id']}.png"))
   assert lab.shape == el["mask"].shape

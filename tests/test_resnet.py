@@ -98,7 +98,7 @@ def test_cam_net_dilations_keep_the_parameters_and_dilate_the_stages():
   same, and a resumed run with other dilations is refused (checkpoint fingerprint)."""
   import synthetic as synthetic_config
 
-  from cpal_jax import checkpointing
+  from cpal_jax.train import cam as cam_stage
 
   c = synthetic_config.get_config()
   x = jnp.zeros((1, 64, 64, 3))
@@ -110,5 +110,5 @@ def test_cam_net_dilations_keep_the_parameters_and_dilate_the_stages():
   assert shapes(plain) == shapes(dilated)
   jaxpr = str(jax.make_jaxpr(lambda v: dilated.apply(v, x))(dilated.init(jax.random.key(0), x)))
   assert "rhs_dilation=(4, 4)" in jaxpr and "rhs_dilation=(2, 2)" in jaxpr
-  assert checkpointing.fingerprint(c)["model.dilations"] == [1, 1, 2, 4]
-  assert checkpointing.fingerprint(synthetic_config.get_config())["model.dilations"] is None
+  assert cam_stage.fingerprint(c, 1)["model.dilations"] == [1, 1, 2, 4]
+  assert cam_stage.fingerprint(synthetic_config.get_config(), 1)["model.dilations"] is None

@@ -132,7 +132,7 @@ def test_grain_batches_and_pickle(packed):
   # The training pipeline (shuffle, augment, batch) over it.
   c = config.copy_and_resolve_references()
   c.train.crop_size, c.train.resize_long, c.train.batch_size, c.train.epochs = 32, (40, 48), 2, 1
-  schedule = pipeline.make_schedule(c, len(src))
+  schedule = pipeline.make_schedule(c.train, len(src))
   batches = list(pipeline.train_iterator(c, src, schedule))
   assert len(batches) == 3 and batches[0]["image"].shape == (2, 32, 32, 3)
   assert batches[0]["image"].dtype == np.uint8

@@ -77,12 +77,16 @@ class Schedule:
   global_batch: int
 
 
-def make_schedule(config, num_images: int) -> Schedule:
-  b = config.train.batch_size
-  per_epoch = num_images // b
+def make_schedule(section, num_images: int, prefix: str = "train") -> Schedule:
+  """Steps of a config section with batch_size, num_steps and epochs (num_steps wins when set);
+  `prefix` names the section in errors."""
+  b = section.batch_size
+  per_epoch = num_images // b if b > 0 else 0
   if per_epoch < 1:
-    raise ValueError(f"train.batch_size={b} is larger than the {num_images} training images")
-  num_steps = config.train.num_steps or per_epoch * config.train.epochs
+    raise ValueError(f"{prefix}.batch_size={b} is larger than the {num_images} training images")
+  num_steps = section.num_steps or per_epoch * section.epochs
+  if num_steps < 1:
+    raise ValueError(f"{prefix}.num_steps and {prefix}.epochs are both 0: set one of them")
   return Schedule(per_epoch, num_steps, b)
 
 

@@ -46,18 +46,14 @@ CRF_CHUNK = 256
 def load_model(config, workdir: str, mesh):
   """(model, variables replicated over `mesh`, step) of the latest train_seg checkpoint: the
   parameters and BatchNorm statistics only, without the optimiser state training kept."""
-  step = checkpointing.latest_step(paths.seg_ckpt(workdir))
-  if step is None:
-    raise FileNotFoundError(
-        f"no DeepLab checkpoint in {paths.seg_ckpt(workdir)}: run the train_seg stage first "
-        "(--config.stages=train_seg,eval_seg)"
-    )
   model = deeplab.from_config(config)
-  repl = sharding.replicated(mesh)
   dummy = jnp.zeros((1, config.seg.crop_size, config.seg.crop_size, 3), jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)
-  parts = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), shapes)
-  variables = checkpointing.restore_parts(paths.seg_ckpt(workdir), step, parts)
+  variables, step = checkpointing.restore_latest_parts(
+      paths.seg_ckpt(workdir),
+      jax.eval_shape(model.init, jax.random.key(0), dummy),
+      sharding.replicated(mesh),
+      "run the train_seg stage first (--config.stages=train_seg,eval_seg)",
+  )
   return model, variables, step
 
 

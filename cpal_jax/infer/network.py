@@ -42,16 +42,12 @@ def load(config, workdir: str, mesh):
   in cam.weights (step None) when set."""
   if config.cam.get("weights"):
     return load_weights(config, mesh, config.cam.weights)
-  step = checkpointing.latest_step(paths.cam_ckpt(workdir))
-  if step is None:
-    raise FileNotFoundError(
-        f"no CAM checkpoint in {paths.cam_ckpt(workdir)}: run the train_cam stage first "
-        "(--config.stages=train_cam,...)"
-    )
   model, parts, _ = spec(config, mesh)
   if not jax.tree.leaves(parts["extra"]):
     del parts["extra"]  # SIPE, PPC and the plain CAM keep no method state
-  got = checkpointing.restore_parts(paths.cam_ckpt(workdir), step, parts)
+  got, step = checkpointing.restore_latest_parts(
+      paths.cam_ckpt(workdir), parts, None, "run the train_cam stage first (--config.stages=train_cam,...)"
+  )
   return model, {"params": got["params"], "batch_stats": got["batch_stats"]}, got.get("extra", {}), step
 
 

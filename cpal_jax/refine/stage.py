@@ -4,7 +4,7 @@ refine.mode = "irn" (the papers' pipeline):
   1. "w/ CRF": PSA's probability CRF on the seeds of data.eval_split -> crf_miou.
   2. IR labels: IRN's (or SIPE's, for maps with a background channel) label CRF on every image of
      the labelled split -> workdir/irn/ir_label/<id>.png (255 = unsure).
-  3. The boundary network trained on them (cpal_jax.refine.irn, orbax checkpoints, resumable).
+  3. The boundary network trained on them (cpal_jax.train.irn, orbax checkpoints, resumable).
   4. The random walk of each image's stride-4 map over its edge map's affinities
      -> workdir/refine/rw/<id>.png.
 refine.mode = "ir_label" (SIPE's COCO path, run_coco.sh: "for MS COCO dataset, we replace IRN with
@@ -16,6 +16,8 @@ refine.mode = "crf": the probability CRF on every image of the labelled split
 The CRFs run in a process pool over all cores (pydensecrf is single-threaded); the random walk runs
 jitted on the devices, padded to size buckets so it compiles once per bucket. Every per-image
 output is written atomically and skipped when it exists, so a killed stage resumes where it stopped.
+The stage builds each split's source once and hands it down; the pool workers, other processes,
+build their own once each.
 """
 
 import logging
@@ -31,6 +33,7 @@ from cpal_jax.eval import miou
 from cpal_jax.infer import cam as infer_cam
 from cpal_jax.infer import export
 from cpal_jax.refine import crf, irn, random_walk
+from cpal_jax.train import irn as train_irn
 
 log = logging.getLogger(__name__)
 MODES = ("irn", "ir_label", "crf")
@@ -85,8 +88,8 @@ def _run_pool(config, fn, jobs, desc: str, total: int) -> None:
   bar.close()
 
 
-def _score_dir(config, out_dir: str) -> dict:
-  source = pipeline.make_source(config, config.data.eval_split, with_mask=True)
+def _score_dir(config, out_dir: str, source) -> dict:
+  """mIoU of the PNGs in out_dir against `source`'s masks."""
   conf = np.zeros((config.data.num_classes,) * 2, np.int64)
   for i in range(len(source)):
     el = source[i]
@@ -95,9 +98,9 @@ def _score_dir(config, out_dir: str) -> dict:
   return miou.report(conf, source.class_names)
 
 
-def run_crf(config, workdir: str, split: str) -> dict:
-  """PSA's probability CRF on the seeds of `split` -> refine/crf/<id>.png; crf_miou on eval_split."""
-  source = pipeline.make_source(config, split)
+def run_crf(config, workdir: str, split: str, source, scored) -> dict:
+  """PSA's probability CRF on the seeds of `split` (its `source`) -> refine/crf/<id>.png; crf_miou
+  on `scored`, the eval split with its masks."""
   out_dir = paths.crf_masks(workdir)
   os.makedirs(out_dir, exist_ok=True)
   threshold = export.seed_threshold(config, workdir)
@@ -106,7 +109,7 @@ def run_crf(config, workdir: str, split: str) -> dict:
   ids = source.ids()
   jobs = [(config, workdir, split, i, threshold, os.path.join(out_dir, f"{ids[i]}.png")) for i in todo]
   _run_pool(config, _crf_job, jobs, "refine/crf", len(mine))
-  rep = _score_dir(config, out_dir)
+  rep = _score_dir(config, out_dir, scored)
   return {
       "crf_miou": rep["miou"],
       "per_class_iou": {"crf": rep["per_class_iou"]},
@@ -114,8 +117,7 @@ def run_crf(config, workdir: str, split: str) -> dict:
   }
 
 
-def make_ir_labels(config, workdir: str, split: str) -> None:
-  source = pipeline.make_source(config, split)
+def make_ir_labels(config, workdir: str, split: str, source) -> None:
   out_dir = paths.ir_labels(workdir)
   os.makedirs(out_dir, exist_ok=True)
   mine = range(jax.process_index(), len(source), jax.process_count())
@@ -155,8 +157,7 @@ def walk_labels(config, maps: dict, edge: np.ndarray, size: tuple[int, int], buc
   return keys[np.argmax(scores, axis=0)]
 
 
-def run_walk(config, workdir: str, split: str) -> None:
-  source = pipeline.make_source(config, split)
+def run_walk(config, workdir: str, source) -> None:
   out_dir = paths.rw_masks(workdir)
   os.makedirs(out_dir, exist_ok=True)
   mine = range(jax.process_index(), len(source), jax.process_count())
@@ -184,13 +185,16 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f"refine.mode={mode!r}: choose one of {MODES}")
   split = config.cam.split or config.data.train_split
   out = {"refine": {"mode": mode, "split": split}}
+  eval_split = config.data.eval_split
+  scored = pipeline.make_source(config, eval_split, with_mask=True)
+  source = scored if split == eval_split else pipeline.make_source(config, split)
   if mode == "crf":
-    out.update(run_crf(config, workdir, split))
+    out.update(run_crf(config, workdir, split, source, scored))
   else:  # irn and ir_label share the "w/ CRF" figure and the IR labels
-    out.update(run_crf(config, workdir, config.data.eval_split))
-    make_ir_labels(config, workdir, split)
+    out.update(run_crf(config, workdir, eval_split, scored, scored))
+    make_ir_labels(config, workdir, split, source)
     if mode == "irn":
-      out.update(irn.train(config, workdir))
-      run_walk(config, workdir, split)
+      out.update(train_irn.train(config, workdir, source))
+      run_walk(config, workdir, source)
   out["refine"]["seconds"] = round(time.time() - t0, 1)
   return out

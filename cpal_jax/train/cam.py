@@ -7,18 +7,17 @@ and resumes from the workdir.
 
 import dataclasses
 import logging
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from cpal_jax import checkpointing, image_ops, paths
+from cpal_jax import image_ops, paths
 from cpal_jax.data import pipeline
 from cpal_jax.method import objectives, ppc
 from cpal_jax.models import cam_net, pretrained
 from cpal_jax.parallel import sharding
-from cpal_jax.train import loop, optim, state as state_lib
+from cpal_jax.train import loop, optim, state as state_lib, trainer
 
 log = logging.getLogger(__name__)
 
@@ -79,62 +78,61 @@ def make_train_step(model, tx: optax.GradientTransformation, config):
   return train_step
 
 
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What the loop, the tests and the inference stages need from one config."""
+def fingerprint(config, num_steps: int) -> dict:
+  """The config keys a resumed CAM run must share with its checkpoint."""
+  keys = ["data.name", "data.num_classes", "model.backbone", "model.strides", "model.side_dims"]
+  keys += ["model.batch_norm", "method.name", "train.batch_size", "seed"]
+  dilations = tuple(config.model.get("dilations", (1, 1, 1, 1)))
+  # None for the default keeps checkpoints written before this key resumable.
+  extra = {"model.dilations": None if dilations == (1, 1, 1, 1) else list(dilations)}
+  if config.method.name == "cpal":
+    # The support bank and its centres are part of the state: their shapes must match.
+    cpal = ["capacity", "num_clusters", "proj_head", "proj_dim"]
+    extra.update(trainer.fingerprint(config, [f"method.cpal.{k}" for k in cpal]))
+    # bank_bg adds the background row to the bank; the other modes share one shape, and None for
+    # them keeps checkpoints written before this key resumable.
+    bg_mode = config.method.cpal.bg_mode
+    extra["method.cpal.bg_mode"] = bg_mode if bg_mode == "bank_bg" else None
+  extra["train.num_steps"] = num_steps
+  return trainer.fingerprint(config, keys, extra)
 
-  model: cam_net.CAMNet
-  schedule: pipeline.Schedule
-  step_fn: Callable  # jitted (state, batch, key) -> (state, metrics)
-  abstract_state: state_lib.TrainState  # shapes, dtypes and shardings: enough to restore
-  init_state: Callable[[], state_lib.TrainState]  # a fresh (or pretrained) sharded state
-  recluster: Callable | None  # jitted (extra, key) -> extra: CPAL's k-means at epoch starts
 
-
-def build(config, mesh, num_train: int) -> Setup:
+def build(config, mesh, num_train: int) -> trainer.Setup:
   objectives.check(config)
   loop.check_nonfinite_policy(config.train.nonfinite, "train.nonfinite")
-  schedule = pipeline.make_schedule(config, num_train)
+  schedule = pipeline.make_schedule(config.train, num_train)
   sharding.check_batch(config.train.batch_size, mesh)
   model = cam_net.from_config(config)
-  repl = sharding.replicated(mesh)
-  dummy = jnp.zeros((1, config.train.crop_size, config.train.crop_size, 3), jnp.float32)
-  key = jax.random.key(config.seed)
-  abstract_vars = jax.eval_shape(model.init, key, dummy)
+  crop = config.train.crop_size
+  dummy = jnp.zeros((1, crop, crop, 3), jnp.float32)
+  abstract_vars = jax.eval_shape(model.init, jax.random.key(config.seed), dummy)
   feat_dim = cam_net.projected_features(config, jax.eval_shape(model.apply, abstract_vars, dummy)).shape[-1]
-  tx = optim.make_optimizer(
-      config.train, schedule.num_steps, abstract_vars["params"], config.model.detach_after
-  )
   num_devices = mesh.shape[sharding.DATA]
 
-  def fresh(variables):
-    return state_lib.fresh(variables, tx, objectives.init_state(config, feat_dim, num_devices))
+  def load(variables):
+    variables, n = pretrained.load_into(variables, config.model.pretrained, prefix="backbone")
+    log.info("loaded %d tensors from %s", n, config.model.pretrained)
+    return variables
 
-  abstract = jax.eval_shape(lambda: fresh(abstract_vars))
-  shardings = jax.tree.map(lambda _: repl, abstract)
-  shardings = shardings.replace(extra=objectives.state_sharding(config, mesh, abstract.extra))
-  abstract = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings
+  setup = trainer.build(
+      model,
+      mesh,
+      seed=config.seed,
+      crop_size=crop,
+      make_tx=lambda v: optim.make_optimizer(
+          config.train, schedule.num_steps, v["params"], config.model.detach_after
+      ),
+      make_step=lambda tx: make_train_step(model, tx, config),
+      nonfinite=config.train.nonfinite,
+      keyed=True,
+      load=load if config.model.pretrained else None,
+      extra=lambda: objectives.init_state(config, feat_dim, num_devices),
+      extra_sharding=lambda abstract: objectives.state_sharding(config, mesh, abstract),
   )
-
-  def init_state():
-    variables = jax.jit(model.init, out_shardings=repl)(key, dummy)
-    if config.model.pretrained:
-      variables, n = pretrained.load_into(variables, config.model.pretrained, prefix="backbone")
-      log.info("loaded %d tensors from %s", n, config.model.pretrained)
-    return jax.jit(fresh, out_shardings=shardings)(variables)
-
-  train_step = make_train_step(model, tx, config)
-  if config.train.nonfinite == "skip":
-    train_step = loop.skip_nonfinite(train_step)
-  step_fn = jax.jit(
-      train_step,
-      in_shardings=(shardings, sharding.batch_sharded(mesh), repl),
-      out_shardings=(shardings, repl),
-      donate_argnums=(0,),
-  )
-  recluster = objectives.make_recluster(config, shardings.extra) if config.method.name == "cpal" else None
-  return Setup(model, schedule, step_fn, abstract, init_state, recluster)
+  recluster = None
+  if config.method.name == "cpal":
+    recluster = objectives.make_recluster(config, setup.shardings.extra)
+  return dataclasses.replace(setup, schedule=schedule, recluster=recluster)
 
 
 def train(config, workdir: str) -> dict:
@@ -145,20 +143,15 @@ def train(config, workdir: str) -> dict:
   schedule = setup.schedule
   data_iter = pipeline.train_iterator(config, source, schedule, jax.process_index(), jax.process_count())
   t = config.train
-  spec = loop.Loop(
-      name="train_cam",
+  spec = trainer.loop_spec(
+      "train_cam",
+      t,
+      schedule,
       ckpt_dir=paths.cam_ckpt(workdir),
       tb_dir=paths.cam_tb(workdir),
-      meta=checkpointing.fingerprint(config, {"train.num_steps": schedule.num_steps}),
-      schedule=schedule,
+      meta=fingerprint(config, schedule.num_steps),
       lr=optim.poly(t.lr, schedule.num_steps, t.poly_power),
-      log_every=t.log_every,
-      ckpt_every=t.ckpt_every,
-      ckpt_keep=t.ckpt_keep,
-      nonfinite=t.nonfinite,
   )
-  ckpt, state, start = loop.restore_or_init(spec, setup.abstract_state, setup.init_state, data_iter)
-  stop = min(t.stop_at_step or schedule.num_steps, schedule.num_steps)
   base_key = jax.random.key(config.seed + 1)
   kmeans_key = jax.random.key(config.seed + 2)
 
@@ -170,27 +163,15 @@ def train(config, workdir: str) -> dict:
   def after_log(state, step, writer):
     writer.scalars(step, objectives.bank_fill(state.extra, config.data.num_classes - 1))
 
-  res = loop.run(
+  res = trainer.fit(
       spec,
-      ckpt,
-      state,
+      setup,
       data_iter,
       mesh,
-      start,
-      stop,
+      t.stop_at_step,
       lambda state, batch, step: setup.step_fn(state, batch, jax.random.fold_in(base_key, step)),
       before_step=before_step,
       after_log=after_log,
   )
   fill = objectives.bank_fill(res.state.extra, config.data.num_classes - 1)
-  return {
-      "train_cam": {
-          "steps": stop,
-          "num_steps": schedule.num_steps,
-          "epochs": stop / schedule.steps_per_epoch,
-          "final_loss": res.last.get("loss/total"),
-          "images_per_second": res.images_per_second(schedule.global_batch),
-          "skipped_steps": res.skipped_steps,
-          **fill,
-      },
-  }
+  return {"train_cam": trainer.summary(res, schedule, **fill)}

@@ -24,7 +24,7 @@ from cpal_jax import reporting
 from cpal_jax.data import pipeline, procnet, transforms
 from cpal_jax.models import classifier
 from cpal_jax.parallel import sharding
-from cpal_jax.train import loop, optim, state as state_lib
+from cpal_jax.train import loop, optim, state as state_lib, trainer
 
 log = logging.getLogger(__name__)
 
@@ -150,46 +150,37 @@ def train(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh.data)
   sharding.check_batch(config.train.batch_size, mesh)
   source = _source(config, "train")
-  schedule = pipeline.make_schedule(config, len(source))
+  schedule = pipeline.make_schedule(config.train, len(source))
   t = config.train
   augment = transforms.TrainAugment(t.crop_size, tuple(t.resize_long) or None)
   data_iter = pipeline.train_iterator(
       config, source, schedule, jax.process_index(), jax.process_count(), augment=augment
   )
   model = _model(config)
-  repl = sharding.replicated(mesh)
-  dummy = jnp.zeros((1, t.crop_size, t.crop_size, 3), jnp.float32)
-  key = jax.random.key(config.seed)
   lr = optim.poly(t.lr, schedule.num_steps, t.poly_power)
   tx = optax.chain(optax.clip_by_global_norm(t.clip_norm), optim.torch_sgd(lr, t.momentum, t.weight_decay))
-
-  def fresh(variables):
-    return state_lib.fresh(variables, tx)
-
-  abstract = jax.eval_shape(lambda: fresh(model.init(key, dummy)))
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
-  step_fn = jax.jit(
-      make_train_step(model, tx, t.label_smoothing),
-      in_shardings=(repl, sharding.batch_sharded(mesh), repl),
-      out_shardings=(repl, repl),
-      donate_argnums=(0,),
+  setup = trainer.build(
+      model,
+      mesh,
+      seed=config.seed,
+      crop_size=t.crop_size,
+      make_tx=lambda _: tx,
+      make_step=lambda tx: make_train_step(model, tx, t.label_smoothing),
+      nonfinite=t.nonfinite,
+      keyed=True,
   )
-  spec = loop.Loop(
-      name="pretrain",
+  spec = trainer.loop_spec(
+      "pretrain",
+      t,
+      schedule,
       ckpt_dir=os.path.join(workdir, "ckpt"),
       tb_dir=os.path.join(workdir, "tb"),
       meta={"config_hash": config_hash(config)},
-      schedule=schedule,
       lr=lr,
-      log_every=t.log_every,
-      ckpt_every=t.ckpt_every,
-      ckpt_keep=t.ckpt_keep,
-      nonfinite=t.nonfinite,
       summary_line=lambda step, m: f"pretrain step {step}: loss {m['loss/total']:.3f} acc {m['accuracy']:.3f}",
   )
-  init = lambda: jax.jit(lambda: fresh(model.init(key, dummy)), out_shardings=repl)()
-  ckpt, state, start = loop.restore_or_init(spec, abstract, init, data_iter)
-  res = loop.run(spec, ckpt, state, data_iter, mesh, start, schedule.num_steps, lambda s, b, i: step_fn(s, b, key))
+  key = jax.random.key(config.seed)
+  res = trainer.fit(spec, setup, data_iter, mesh, 0, lambda s, b, i: setup.step_fn(s, b, key))
   variables = {"params": res.state.params, "batch_stats": res.state.batch_stats}
   accuracy = evaluate(config, model, variables)
   record = {

@@ -21,10 +21,7 @@ a resumable grain iterator, orbax checkpoints (state + iterator position) under
 non-finite loss, TensorBoard scalars and a progress bar.
 """
 
-import dataclasses
-import json
 import logging
-from typing import Callable
 
 import grain
 import jax
@@ -39,7 +36,7 @@ from cpal_jax import checkpointing, paths
 from cpal_jax.data import label_png, pipeline, transforms
 from cpal_jax.models import deeplab, pretrained
 from cpal_jax.parallel import sharding
-from cpal_jax.train import loop, optim, state as state_lib
+from cpal_jax.train import loop, optim, state as state_lib, trainer
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +198,7 @@ class SegAugment(grain.transforms.RandomMap):
 
 
 def make_schedule(config, num_images: int) -> pipeline.Schedule:
-  s = config.seg
-  per_epoch = num_images // s.batch_size
-  if per_epoch < 1:
-    raise ValueError(f"seg.batch_size={s.batch_size} is larger than the {num_images} training images")
-  num_steps = s.num_steps or per_epoch * s.epochs
-  if num_steps < 1:
-    raise ValueError("seg.num_steps and seg.epochs are both 0: set one of them")
-  return pipeline.Schedule(per_epoch, num_steps, s.batch_size)
+  return pipeline.make_schedule(config.seg, num_images, "seg")
 
 
 def train_iterator(
@@ -337,14 +327,6 @@ def make_train_step(model, tx: optax.GradientTransformation, seg_cfg):
   return train_step
 
 
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  model: deeplab.DeepLabV2
-  step_fn: Callable  # jitted (state, batch) -> (state, metrics)
-  abstract_state: state_lib.TrainState  # shapes, dtypes and shardings: enough to restore
-  init_state: Callable[[], state_lib.TrainState]  # a fresh (or pretrained) sharded state
-
-
 def cam_backbone(config, workdir: str) -> dict[str, np.ndarray]:
   """The trained CAM network's backbone parameters and BN statistics as '/'-joined keys
   (`params/layer1_0/conv1/kernel`), ready for pretrained.load_flat_into(prefix='backbone')."""
@@ -378,65 +360,46 @@ def cam_backbone(config, workdir: str) -> dict[str, np.ndarray]:
   return flat
 
 
-def build(config, mesh, num_steps: int, backbone: dict | None = None) -> Setup:
+def build(config, mesh, num_steps: int, backbone: dict | None = None) -> trainer.Setup:
   """The model, its jitted step over `mesh` and its state (abstract and fresh).
 
   backbone: '/'-joined backbone tensors to start from (cam_backbone), instead of seg.pretrained."""
   check(config)
   s = config.seg
   model = deeplab.from_config(config)
-  repl = sharding.replicated(mesh)
-  dummy = jnp.zeros((1, s.crop_size, s.crop_size, 3), jnp.float32)
-  key = jax.random.key(config.seed)
-  abstract_vars = jax.eval_shape(model.init, key, dummy)
-  tx = make_optimizer(s, num_steps, abstract_vars["params"])
 
-  def fresh(variables):
-    return state_lib.fresh(variables, tx)
-
-  abstract = jax.eval_shape(lambda: fresh(abstract_vars))
-  shardings = jax.tree.map(lambda _: repl, abstract)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
-
-  def init_state():
-    variables = jax.jit(model.init, out_shardings=repl)(key, dummy)
+  def load(variables):
     if backbone is not None:
       variables, n = pretrained.load_flat_into(variables, backbone, "the CAM checkpoint", prefix="backbone")
       log.info("seg: started %d backbone tensors from the CAM network", n)
-    elif s.pretrained:
+    else:
       variables, n = pretrained.load_into(variables, s.pretrained, prefix="backbone")
       log.info("seg: loaded %d backbone tensors from %s", n, s.pretrained)
-    return jax.jit(fresh, out_shardings=shardings)(variables)
+    return variables
 
-  train_step = make_train_step(model, tx, s)
-  if s.nonfinite == "skip":
-    train_step = loop.skip_nonfinite(train_step)
-  step_fn = jax.jit(
-      train_step,
-      in_shardings=(shardings, sharding.batch_sharded(mesh)),
-      out_shardings=(shardings, repl),
-      donate_argnums=(0,),
+  return trainer.build(
+      model,
+      mesh,
+      seed=config.seed,
+      crop_size=s.crop_size,
+      make_tx=lambda v: make_optimizer(s, num_steps, v["params"]),
+      make_step=lambda tx: make_train_step(model, tx, s),
+      nonfinite=s.nonfinite,
+      load=load if backbone is not None or s.pretrained else None,
   )
-  return Setup(model, step_fn, abstract, init_state)
 
 
 def fingerprint(config, num_steps: int) -> dict:
   """The config keys a resumed run must share with its checkpoint."""
-  s = config.seg
-  fp = {
-      "data.name": config.data.name,
-      "data.num_classes": config.data.num_classes,
-      "seg.backbone": s.backbone,
-      "seg.layout": s.layout,
-      "seg.batch_norm": s.batch_norm,
-      "seg.atrous_rates": list(s.atrous_rates),
+  keys = ["data.name", "data.num_classes", "seg.backbone", "seg.layout", "seg.batch_norm"]
+  keys += ["seg.atrous_rates", "seg.batch_size", "seed"]
+  dilations = tuple(config.seg.dilations)
+  extra = {
       # DeepLab's own dilations record None, so checkpoints written before this key stay resumable.
-      "seg.dilations": None if tuple(s.dilations) == deeplab.DILATIONS else list(s.dilations),
-      "seg.batch_size": s.batch_size,
+      "seg.dilations": None if dilations == deeplab.DILATIONS else list(dilations),
       "seg.num_steps": num_steps,
-      "seed": config.seed,
   }
-  return json.loads(json.dumps(fp))
+  return trainer.fingerprint(config, keys, extra)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -459,17 +422,14 @@ def train(config, workdir: str) -> dict:
   )
   data_iter = train_iterator(config, source, schedule, jax.process_index(), jax.process_count())
 
-  spec = loop.Loop(
-      name="train_seg",
+  spec = trainer.loop_spec(
+      "train_seg",
+      s,
+      schedule,
       ckpt_dir=paths.seg_ckpt(workdir),
       tb_dir=paths.seg_tb(workdir),
       meta=fingerprint(config, schedule.num_steps),
-      schedule=schedule,
       lr=optim.poly(s.lr, schedule.num_steps, s.poly_power),
-      log_every=s.log_every,
-      ckpt_every=s.ckpt_every,
-      ckpt_keep=s.ckpt_keep,
-      nonfinite=s.nonfinite,
       hint=" (a lower seg.lr or seg.balanced_ce=True may help)",
   )
   if not (s.pretrained or s.init_from_cam) and s.batch_norm == "frozen" and not resuming:
@@ -477,23 +437,17 @@ def train(config, workdir: str) -> dict:
         "seg: frozen BatchNorm with random init normalises nothing (identity statistics); "
         "set seg.pretrained to converted ImageNet weights, or seg.batch_norm=train"
     )
-  ckpt, state, start = loop.restore_or_init(spec, setup.abstract_state, setup.init_state, data_iter)
-  stop = min(s.stop_at_step or schedule.num_steps, schedule.num_steps)
-  res = loop.run(
-      spec, ckpt, state, data_iter, mesh, start, stop, lambda state, batch, step: setup.step_fn(state, batch)
+  res = trainer.fit(
+      spec, setup, data_iter, mesh, s.stop_at_step, lambda state, batch, step: setup.step_fn(state, batch)
   )
   return {
-      "train_seg": {
-          "split": split,
-          "images": len(source),
-          "steps": stop,
-          "num_steps": schedule.num_steps,
-          "epochs": stop / schedule.steps_per_epoch,
-          "first_loss": res.first.get("loss/total"),  # this invocation's first log window
-          "final_loss": res.last.get("loss/total"),
-          "images_per_second": res.images_per_second(schedule.global_batch),
-          "skipped_steps": res.skipped_steps,
-          "init": deeplab.init_name(s),
-          "layout": s.layout,
-      }
+      "train_seg": trainer.summary(
+          res,
+          schedule,
+          split=split,
+          images=len(source),
+          first_loss=res.first.get("loss/total"),  # this invocation's first log window
+          init=deeplab.init_name(s),
+          layout=s.layout,
+      )
   }
