@@ -36,6 +36,23 @@ def test_unknown_config_key_is_an_error(tmp_path):
   assert not os.listdir(tmp_path)  # nothing was started
 
 
+def test_config_variants_derive_from_their_file():
+  """configs/<file>.py:<variant> as ml_collections passes it: the variant changes only its keys."""
+  import coco as coco_config
+  import synthetic as synthetic_config
+
+  voc, voc_seg = voc_config.get_config(), voc_config.get_config("seg")
+  assert voc_seg.stages == "train_seg,eval_seg" and voc.stages.startswith("train_cam")
+  assert voc_seg.data == voc.data and voc_seg.seg.eval.pad_multiple == 513
+  assert coco_config.get_config("seg").seg.num_steps == 100000
+  scratch = synthetic_config.get_config("scratch")
+  assert scratch.model.batch_norm == "train" and not scratch.model.pretrained
+  assert synthetic_config.get_config().model.batch_norm == "frozen"
+  for module, name in ((voc_config, "voc"), (synthetic_config, "synthetic")):
+    with pytest.raises(ValueError, match=f"configs/{name}.py:bogus: no such variant"):
+      module.get_config("bogus")
+
+
 def test_wrong_type_is_an_error(tmp_path):
   r = run_cli(f"--workdir={tmp_path}", "--config.train.batch_size=sixteen")
   assert r.returncode != 0

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from cpal_jax import defaults
 from cpal_jax.refine import crf
 
 H, W = 48, 64
@@ -301,9 +302,8 @@ def test_bad_inputs_raise():
 
 def test_config_keys_are_accepted():
   """The refine config blocks unpack straight into the wrappers (imports JAX through the config)."""
-  import common
 
-  cfg = common.base().refine
+  cfg = defaults.base().refine
   image, band = banded_image(4)
   maps = np.broadcast_to(np.array([0.9, 0.6, 0.15, 0.01], np.float32)[band], (1, H, W))
   q = crf.prob_crf(image, crf.seed_probs(maps, False, 0.15), **cfg.crf)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from flax import traverse_util
 from PIL import Image
 
-from cpal_jax import checkpointing, image_ops, paths
+from cpal_jax import checkpointing, defaults, image_ops, paths
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import seg as seg_eval
 from cpal_jax.models import deeplab, pretrained, resnet
@@ -333,7 +333,7 @@ def test_augment_pads_bottom_right_with_ignore():
 
 def test_optimizer_groups_follow_the_reference():
   # One step from zero momentum with unit gradients: the update is -lr_group * (1 + wd * p).
-  cfg = seg.default_config()
+  cfg = defaults.seg()
   model = deeplab.DeepLabV2(3, "resnet_tiny", "caffe")
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   params = jax.tree.map(lambda a: jnp.full(a.shape, 2.0, a.dtype), shapes)
@@ -400,7 +400,7 @@ class _StandIn:
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_eval_fusion_on_known_outputs(flip):
-  cfg = seg.default_config()
+  cfg = defaults.seg()
   cfg.layout = "torchvision"
   cfg.eval.scales = (1.0, 0.75, 0.5)
   cfg.eval.flip = flip
@@ -444,7 +444,7 @@ def test_eval_fusion_on_known_outputs(flip):
 def seg_config(**overrides):
   c = tiny_config()
   c.unlock()
-  c.seg = seg.default_config()
+  c.seg = defaults.seg()
   s = c.seg
   s.backbone = "resnet_tiny"
   s.layout = "torchvision"

@@ -26,7 +26,6 @@ import logging
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import traverse_util
@@ -41,63 +40,6 @@ from cpal_jax.train import loop, optim, state as state_lib, trainer
 log = logging.getLogger(__name__)
 
 IGNORE = transforms.IGNORE_INDEX
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """config.seg: the paper's DeepLab-v2 recipe on VOC (docs/method.md 1.7)."""
-  c = ml_collections.ConfigDict()
-  c.backbone = "resnet101"  # any of models.resnet.ARCHS
-  # caffe: the DeepLab (MSRA) ResNet-101 init; torchvision: torchvision ResNet weights (models/deeplab.py)
-  c.layout = "caffe"
-  # Converted backbone weights (.npz/.safetensors, models.deeplab.convert_torch_state); empty = random
-  # init. The papers start from ImageNet (default) or the COCO-pretrained DeepLab init: record which.
-  c.pretrained = ""
-  # Start the backbone from the trained CAM network's (cam/ckpt, same backbone and torchvision
-  # layout). The stand-in for an ImageNet init where there is none (the synthetic data): the CAM
-  # network saw the same images with image-level labels only, so no pixel label leaks in.
-  c.init_from_cam = False
-  c.batch_norm = "frozen"  # frozen (the reference) | train (batch statistics, for random init)
-  c.compute_dtype = "float32"  # float32 | bfloat16 (backbone convolutions; ASPP and the loss float32)
-  c.atrous_rates = (6, 12, 18, 24)
-  # layer1..layer4 dilations at output stride 8: DeepLab dilates layer3/4 by 2/4 because its
-  # ImageNet weights were trained with those layers strided. A backbone trained at stride 8 without
-  # dilation (the CAM net with model.strides=(2, 2, 1, 1)) keeps its features only with 1s here.
-  c.dilations = deeplab.DILATIONS
-  c.crop_size = 321
-  c.rescale = (0.5, 0.75, 1.0, 1.25, 1.5)  # random scale per image, one of these
-  c.flip = True
-  c.batch_size = 10  # global; the reference's 5 x iter_size 2
-  c.num_steps = 20000  # 0: epochs * (images // batch_size)
-  c.epochs = 0
-  c.stop_at_step = 0  # >0: checkpoint and stop there (the schedule still spans num_steps)
-  c.lr = 2.5e-4  # backbone; AdvCAM #9 / CLIP-ES #7 use 2e-4 .. 2.5e-4 from ImageNet
-  c.head_lr_mult = 10.0  # ASPP weights
-  c.head_bias_lr_mult = 20.0  # ASPP biases (no weight decay)
-  c.weight_decay = 5e-4
-  c.momentum = 0.9
-  c.poly_power = 0.9
-  c.clip_norm = 0.0  # >0: clip the global gradient norm first (not in the reference; random init)
-  # MSC training: one CE per input scale plus one on their max (the first scale sets the fused size).
-  c.msc_scales = (1.0, 0.75, 0.5)
-  # DSRG's balanced CE (AdvCAM #9): mean CE over background pixels + mean over foreground pixels.
-  c.balanced_ce = False
-  c.log_every = 50
-  c.ckpt_every = 1000
-  c.ckpt_keep = 2
-  c.nonfinite = "stop"  # stop (keep the last good checkpoint) | skip (count and skip the step)
-
-  c.eval = ml_collections.ConfigDict()  # eval_seg on data.val_split
-  c.eval.scales = (1.0, 0.75, 0.5)  # MSC max fusion, as trained
-  c.eval.flip = True  # the flipped image's logits join the max
-  c.eval.crf = True  # also score the dense-CRF refined prediction (seg_val_miou_crf)
-  c.eval.batch_size = 8  # images per device call (rounded up to the local device count)
-  c.eval.pad_multiple = 64  # inputs padded to a multiple of this: one compile per size bucket
-  c.eval.crf_workers = 0  # CRF processes; 0 = all cores
-  # kazuto1011's DenseCRF (ITER_MAX 10, POS_W 3, POS_XY_STD 1, BI_W 4, BI_XY_STD 67, BI_RGB_STD 3).
-  c.eval.crf_params = ml_collections.ConfigDict(
-      {"iters": 10, "gauss_sxy": 1, "gauss_compat": 3, "bi_sxy": 67, "bi_srgb": 3, "bi_compat": 4}
-  )
-  return c
 
 
 def train_split(config) -> str:
