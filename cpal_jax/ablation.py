@@ -121,8 +121,7 @@ def summarize(table: str, results: dict) -> tuple[str, list]:
 
 
 def run_table(base, table: str, seeds: list[int], workdir: str, rows: list[str] | None = None) -> dict:
-  from cpal_jax import stages
-  from cpal_jax import reporting
+  from cpal_jax import paths, run_record, stages
 
   results = {}  # row id -> per-seed summaries
   for rid, _, _, overrides in TABLES[table]:
@@ -130,13 +129,13 @@ def run_table(base, table: str, seeds: list[int], workdir: str, rows: list[str] 
       continue
     for seed in seeds:
       run_dir = os.path.join(workdir, f"table{table}", rid, f"seed{seed}")
-      done = reporting.read_summary(run_dir)
+      done = run_record.read(run_dir)
       if done.get("seed_miou") is None or "eval_cam" not in (done.get("stage_seconds") or {}):
         done = stages.run(row_config(base, overrides, seed), run_dir)
       results.setdefault(rid, []).append(done)
   md, json_rows = summarize(table, results)
-  reporting.atomic_write_text(os.path.join(workdir, f"table{table}.md"), md)
-  reporting.atomic_write_text(
+  paths.write_text(os.path.join(workdir, f"table{table}.md"), md)
+  paths.write_text(
       os.path.join(workdir, f"table{table}.json"), json.dumps(json_rows, indent=2) + "\n"
   )
   print(md)

@@ -38,11 +38,11 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 from typing import Mapping
 
 import numpy as np
 
+from cpal_jax import paths
 from cpal_jax.models import cam_net, deeplab, pretrained, resnet
 
 SOURCE_EXTS = (".pth", ".pt", ".pth.tar", ".bin", ".safetensors")
@@ -444,24 +444,12 @@ def convert(
     abstract = abstract_variables(arch)
   check_complete(flat, origin, _flat_shapes(abstract), arch, src)
 
-  d = os.path.dirname(os.path.abspath(dst))
-  os.makedirs(d, exist_ok=True)
-  ext = ".npz" if dst.endswith(".npz") else ".safetensors"  # load_into reads by extension
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=ext)
-  os.close(fd)
-  try:
+  with paths.atomic(dst) as tmp:  # same extension: load_into reads by it
     _write(flat, tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the weights from other users
     if check:
       _read_back(abstract, tmp, flat)
     if os.path.exists(dst) and not overwrite:  # appeared while converting
       raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    os.replace(tmp, dst)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
   return {
       "src": src,
       "dst": dst,

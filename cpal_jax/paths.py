@@ -1,7 +1,35 @@
 """The workdir contract: every file and folder a stage writes or reads, in one place, so stages
 import this module rather than each other for paths (the table in README, Workdir)."""
 
+import contextlib
 import os
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic(path: str):
+  """Yields a temporary name beside `path` (same extension) to write; it replaces `path` when the
+  block ends without an error, so a reader or a killed run never sees half a file."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+  os.close(fd)
+  try:
+    yield tmp
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the outputs from other users
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` atomically."""
+  with atomic(path) as tmp, open(tmp, "w") as f:
+    f.write(text)
 
 
 def config_json(workdir: str) -> str:

@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from cpal_jax import reporting
+from cpal_jax import paths
 
 
 def flat(prefix: str, tree) -> dict:
@@ -42,4 +42,4 @@ def check_or_record(path: str, current: dict, outputs_exist: bool, outputs: str,
       diff = ", ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in keys)
       raise ValueError(f"{outputs} were made with another checkpoint or protocol ({diff}); {fix}")
   elif jax.process_index() == 0:
-    reporting.atomic_write_text(path, json.dumps(current, indent=2) + "\n")
+    paths.write_text(path, json.dumps(current, indent=2) + "\n")

@@ -24,13 +24,12 @@ The caller decides whether to report at all (config.report.enabled).
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 
 import jax
 import numpy as np
 
-from cpal_jax import image_ops, paths, reporting
+from cpal_jax import image_ops, paths, run_record
 from cpal_jax.data import palette, pipeline, synthetic
 from cpal_jax.infer import cam as infer_cam
 from cpal_jax.infer import network
@@ -58,7 +57,7 @@ def write_report(config, workdir: str) -> dict[str, str]:
   if not distributed.is_main():
     return {}
   t0 = time.time()
-  summary = reporting.read_summary(workdir)
+  summary = run_record.read(workdir)
   figures: dict[str, str] = {}
   views, net = _load_views(config, workdir, config.data.eval_split, with_net=True)
   if views:
@@ -196,19 +195,9 @@ def _figure(width: float, height: float, **kw):
 
 def _save(fig, workdir: str, name: str) -> str:
   """Atomic PNG write: a viewer or a killed run never sees half a figure."""
-  d = paths.report(workdir)
-  os.makedirs(d, exist_ok=True)
-  path = os.path.join(d, f"{name}.png")
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=DPI)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the figures from whoever serves the workdir
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  path = os.path.join(paths.report(workdir), f"{name}.png")
+  with paths.atomic(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=DPI)
   return os.path.relpath(path, workdir)
 
 

@@ -26,7 +26,7 @@ def parse_stages(spec: str) -> list[str]:
 
 def run(config, workdir: str) -> dict:
   """Runs config.stages on workdir; returns the merged summary."""
-  from cpal_jax import reporting
+  from cpal_jax import run_record
   from cpal_jax.eval import seed as seed_eval
   from cpal_jax.eval import seg as seg_eval
   from cpal_jax.infer import cam as make_cam
@@ -50,26 +50,26 @@ def run(config, workdir: str) -> dict:
   distributed.initialize(config)
   check_workdir(workdir)
   if distributed.is_main():
-    reporting.atomic_write_text(
+    paths.write_text(
         paths.config_json(workdir), config.to_json_best_effort(indent=2) + "\n"
     )
-  summary = reporting.read_summary(workdir)
+  summary = run_record.read(workdir)
   for stage in stages:
     t0 = time.time()
     log.info("stage %s -> %s", stage, workdir)
     updates = runners[stage](config, workdir)
     updates["stage_seconds"] = {stage: round(time.time() - t0, 1)}
-    summary = reporting.update_summary(workdir, **updates)
+    summary = run_record.update(workdir, **updates)
   figures = {}
   if config.report.enabled:
     from cpal_jax import report
 
     figures = report.write_report(config, workdir)
   if distributed.is_main():
-    reporting.atomic_write_text(
-        paths.summary_md(workdir), reporting.summary_markdown(summary, figures)
+    paths.write_text(
+        paths.summary_md(workdir), run_record.markdown(summary, figures)
     )
-    print(reporting.format_summary(summary))
+    print(run_record.digest(summary))
     print(f"\nsummary: {paths.summary_json(workdir)}")
   return summary
 

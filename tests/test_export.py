@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpal_jax import paths, reporting
+from cpal_jax import paths, run_record
 from cpal_jax.data import palette, pipeline
 from cpal_jax.infer import cam as infer_cam
 from cpal_jax.infer import export
@@ -67,7 +67,7 @@ def test_export_from_perfect_seeds_scores_100_and_resumes_identically(tmp_path, 
   write_gt_maps(config, crashed)
   out = export.run(config, straight)
   assert out["mask_miou"] == 100.0 and out["export"]["written"] == len(source)
-  assert reporting.read_summary(straight)["mask_miou"] is None  # run() returns; main merges
+  assert run_record.read(straight)["mask_miou"] is None  # run() returns; main merges
 
   real_save, calls = palette.save_label_png, []
 

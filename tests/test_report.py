@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpal_jax import paths, report, reporting
+from cpal_jax import paths, report, run_record
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import seed as seed_eval
 from cpal_jax.infer import cam as infer_cam
@@ -48,7 +48,7 @@ def cpal_workdir(tmp_path_factory):
   # What main.run does for stages "train_cam,make_cam,eval_cam,export", stage by stage: the report's
   # test need not depend on the imports of stages it does not use (refine).
   for stage in (cam_stage.train, infer_cam.run, seed_eval.evaluate, export.run):
-    reporting.update_summary(workdir, **stage(config, workdir))
+    run_record.update(workdir, **stage(config, workdir))
   return config, workdir
 
 
@@ -64,7 +64,7 @@ def png_size(workdir, rel):
 
 def test_cpal_workdir_gives_grid_bars_and_prototypes(cpal_workdir):
   config, workdir = cpal_workdir
-  ready = reporting.read_summary(workdir)["train_cam"]["bank/ready_classes"]
+  ready = run_record.read(workdir)["train_cam"]["bank/ready_classes"]
   assert ready > 0, "the fixture needs classes with context prototypes"
 
   figures = report.write_report(config, workdir)
@@ -190,10 +190,10 @@ def test_summary_rows_show_the_seg_crf_figure_with_the_stage_time_once():
       "seg_val_miou_crf": 51.8,
       "stage_seconds": {"eval_cam": 1.5, "export": 6.7, "eval_seg": 36.0},
   }
-  md = reporting.summary_markdown(summary)
+  md = run_record.markdown(summary)
   assert "| `eval_seg` | Segmentation (val) | 45.90 | 36.0 |" in md
   assert "| `eval_seg` | Segmentation (val) w/ CRF | 51.80 | - |" in md
   assert "`refine`" not in md and "`train_seg`" not in md  # stages that did not run
-  assert "    w/ CRF       51.80" in reporting.format_summary(summary)
+  assert "    w/ CRF       51.80" in run_record.digest(summary)
   del summary["seg_val_miou_crf"]
-  assert "w/ CRF" not in reporting.summary_markdown(summary) and "w/ CRF" not in reporting.format_summary(summary)
+  assert "w/ CRF" not in run_record.markdown(summary) and "w/ CRF" not in run_record.digest(summary)

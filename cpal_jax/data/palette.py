@@ -1,9 +1,9 @@
 """The PASCAL VOC colour map, so class-index PNGs (masks, predictions) show in colour in viewers
 while their pixel values stay the class indices."""
 
-import os
-
 import numpy as np
+
+from cpal_jax import paths
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:
@@ -37,9 +37,8 @@ def save_label_png(path: str, labels: np.ndarray, palette: bool = True) -> None:
   im = Image.fromarray(labels.astype(np.uint8), mode="P" if palette else "L")
   if palette:
     im.putpalette(putpalette_list())
-  tmp = path + ".tmp.png"
-  im.save(tmp)
-  os.replace(tmp, path)
+  with paths.atomic(path) as tmp:
+    im.save(tmp, format="PNG")
 
 
 def load_label_png(path: str) -> np.ndarray:

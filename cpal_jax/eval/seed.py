@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from cpal_jax import paths, reporting
+from cpal_jax import monitor, paths
 from cpal_jax.data import pipeline
 from cpal_jax.eval import miou
 from cpal_jax.infer import cam as infer_cam
@@ -87,7 +87,7 @@ def evaluate(config, workdir: str) -> dict:
   t0 = time.time()
   source = pipeline.make_source(config, config.data.eval_split, with_mask=True)
   scorer = SeedScorer(config.data.num_classes, infer_cam.has_background(config), config.eval.threshold_max)
-  bar = reporting.progress(len(source), "eval_cam")
+  bar = monitor.progress(len(source), "eval_cam")
   for i in range(len(source)):
     el = source[i]
     maps = infer_cam.load_maps(paths.cam_map(workdir, el["id"]))

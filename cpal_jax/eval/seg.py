@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpal_jax import checkpointing, image_ops, paths, provenance, reporting
+from cpal_jax import checkpointing, image_ops, monitor, paths, provenance
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.models import deeplab
@@ -141,7 +141,7 @@ def _predict(config, workdir: str, source, todo: list[int], out_dirs: list[str])
     jobs.clear()
 
   subset = _Subset(source, todo)
-  bar = reporting.progress(len(todo) * len(out_dirs), "eval_seg")
+  bar = monitor.progress(len(todo) * len(out_dirs), "eval_seg")
   for ids, batch in pipeline.eval_batches(subset, batch_size, ev.pad_multiple):
     image = jax.device_put(batch["image"], batch_sharding)
     valid = jax.device_put(batch["valid"], batch_sharding)
@@ -170,7 +170,7 @@ def _score(config, source, out_dirs: list[str]) -> list[np.ndarray]:
   """One confusion matrix per prediction folder, over every image of the split."""
   c = config.data.num_classes
   confs = [np.zeros((c, c), np.int64) for _ in out_dirs]
-  bar = reporting.progress(len(source), "eval_seg/score")
+  bar = monitor.progress(len(source), "eval_seg/score")
   for i in range(len(source)):
     el = source[i]
     for conf, d in zip(confs, out_dirs):
@@ -251,7 +251,7 @@ def evaluate(config, workdir: str) -> dict:
     result["per_class_iou"]["seg_crf"] = reps[1]["per_class_iou"]
     record.update(miou_crf=reps[1]["miou"], per_class_iou_crf=reps[1]["per_class_iou"])
   if jax.process_index() == 0:
-    reporting.atomic_write_text(
+    paths.write_text(
         paths.seg_eval_json(workdir), json.dumps(record, indent=2) + "\n"
     )
   log.info(

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cpal_jax import checkpointing, diskspace, faults, image_ops, paths, provenance, reporting
+from cpal_jax import checkpointing, diskspace, faults, image_ops, monitor, paths, provenance
 from cpal_jax.data import pipeline
 from cpal_jax.infer import network
 from cpal_jax.method import cpal, sipe
@@ -239,22 +239,19 @@ def channel_keys(label: np.ndarray, with_bg: bool) -> np.ndarray:
 
 def write_maps(path: str, keys: np.ndarray, high_res: np.ndarray, cam: np.ndarray, npy_layout: bool) -> None:
   """Atomic compressed write: keys (class ids), high_res [K, H, W], cam [K, ceil(H/4), ceil(W/4)]."""
-  tmp = path + ".tmp.npz"
-  np.savez_compressed(
-      tmp, keys=keys.astype(np.int16), high_res=high_res.astype(np.float16), cam=cam.astype(np.float16)
-  )
-  os.replace(tmp, path)
+  with paths.atomic(path) as tmp:
+    np.savez_compressed(
+        tmp, keys=keys.astype(np.int16), high_res=high_res.astype(np.float16), cam=cam.astype(np.float16)
+    )
   if npy_layout:
     # IRN/SIPE's pickled dict: IRN keys are 0-based foreground indices, SIPE's keep 0 = background.
     with_bg = bool(len(keys)) and keys[0] == 0
     irn_keys = keys if with_bg else keys - 1
-    npy = os.path.splitext(path)[0] + ".npy"
-    tmp = npy + ".tmp.npy"
     layout = {"keys": irn_keys, "cam": cam.astype(np.float32), "high_res": high_res.astype(np.float32)}
     if with_bg:  # SIPE's make_cam.py saves {"keys", "IS_CAM"}: the same image-size maps
       layout["IS_CAM"] = layout["high_res"]
-    np.save(tmp, layout)
-    os.replace(tmp, npy)
+    with paths.atomic(os.path.splitext(path)[0] + ".npy") as tmp:
+      np.save(tmp, layout)
 
 
 def load_maps(path: str) -> dict:
@@ -317,7 +314,7 @@ def run(config, workdir: str) -> dict:
   per_step = 1 if exact else batch_size
   batch_sharding = sharding.batch_sharded(mesh)
 
-  bar = reporting.progress(len(mine), "make_cam", initial=len(mine) - len(todo))
+  bar = monitor.progress(len(mine), "make_cam", initial=len(mine) - len(todo))
   for start in range(0, len(todo), per_step):
     chunk = [source[i] for i in todo[start : start + per_step]]
     labels = np.stack([el["label"] for el in chunk]).astype(np.float32)

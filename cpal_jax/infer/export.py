@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from cpal_jax import diskspace, faults, paths, reporting
+from cpal_jax import diskspace, faults, monitor, paths, run_record
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.infer import cam as infer_cam
@@ -33,7 +33,7 @@ def keeps_unsure(config) -> bool:
 
 def seed_threshold(config, workdir: str) -> float:
   """The background plane of foreground-only seeds: eval_cam's chosen t, else IRN's fixed one."""
-  t = (reporting.read_summary(workdir).get("thresholds") or {}).get("seed")
+  t = (run_record.read(workdir).get("thresholds") or {}).get("seed")
   return config.eval.cam_threshold if t is None else float(t)
 
 
@@ -69,7 +69,7 @@ def run(config, workdir: str) -> dict:
   threshold = seed_threshold(config, workdir)
   mine = ids[jax.process_index() :: jax.process_count()]
   todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, f"{i}.png"))]
-  bar = reporting.progress(len(mine), "export", initial=len(mine) - len(todo))
+  bar = monitor.progress(len(mine), "export", initial=len(mine) - len(todo))
   for n, image_id in enumerate(todo, 1):
     mask = _mask_of(config, workdir, image_id, threshold)
     if not keeps_unsure(config):
@@ -113,7 +113,7 @@ def score(config, workdir: str) -> dict:
     conf += miou.confusion(el["mask"], pred, config.data.num_classes)
   rep = miou.report(conf, source.class_names)
   if jax.process_index() == 0:
-    reporting.atomic_write_text(
+    paths.write_text(
         os.path.join(paths.masks(workdir), "eval.json"),
         json.dumps({"split": config.data.eval_split, "images": len(source), **rep}, indent=2) + "\n",
     )

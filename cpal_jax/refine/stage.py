@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from cpal_jax import faults, image_ops, paths, reporting
+from cpal_jax import faults, image_ops, monitor, paths
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.infer import cam as infer_cam
@@ -82,7 +82,7 @@ def _pending(source, out_dir: str, indices) -> list[int]:
 
 
 def _run_pool(config, fn, jobs, desc: str, total: int) -> None:
-  bar = reporting.progress(total, desc, initial=total - len(jobs))
+  bar = monitor.progress(total, desc, initial=total - len(jobs))
   for _ in crf.map_images(fn, jobs, config.refine.workers):
     bar.update(1)
   bar.close()
@@ -165,7 +165,7 @@ def run_walk(config, workdir: str, source) -> None:
   if not todo:
     return
   edge_fn = irn.load_edge_fn(config, workdir)
-  bar = reporting.progress(len(mine), "refine/random_walk", initial=len(mine) - len(todo))
+  bar = monitor.progress(len(mine), "refine/random_walk", initial=len(mine) - len(todo))
   for n, i in enumerate(todo, 1):
     el = source[i]
     maps = infer_cam.load_maps(paths.cam_map(workdir, el["id"]))

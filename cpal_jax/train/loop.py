@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpal_jax import checkpointing, diskspace, faults, reporting
+from cpal_jax import checkpointing, diskspace, faults, monitor
 from cpal_jax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,8 @@ def run(
   """
   from cpal_jax.parallel import sharding
 
-  writer = reporting.ScalarWriter(loop.tb_dir)
-  bar = reporting.progress(stop, loop.name, initial=start)
+  writer = monitor.ScalarWriter(loop.tb_dir)
+  bar = monitor.progress(stop, loop.name, initial=start)
   t0, first, last, pending, skipped = time.time(), {}, {}, [], 0
   try:
     with _termination_flag() as terminated:

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from cpal_jax import reporting
+from cpal_jax import paths
 from cpal_jax.data import pipeline, procnet, transforms
 from cpal_jax.models import classifier
 from cpal_jax.parallel import sharding
@@ -119,11 +119,9 @@ def backbone_weights(variables) -> dict[str, np.ndarray]:
 
 def write_weights(out: str, weights: dict, record: dict) -> None:
   """The .npz and its JSON record, each written atomically (a reader never sees half a file)."""
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = out + f".tmp-{os.getpid()}.npz"
-  np.savez_compressed(tmp, **weights)
-  os.replace(tmp, out)
-  reporting.atomic_write_text(record_path(out), json.dumps(record, indent=2, sort_keys=True) + "\n")
+  with paths.atomic(out) as tmp:
+    np.savez_compressed(tmp, **weights)
+  paths.write_text(record_path(out), json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def check(config) -> None:
