@@ -14,7 +14,6 @@ fixed-length loop; same result).
 """
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -88,25 +87,14 @@ def main(argv=None):
   rows = []
 
   def time_jax(name, call_args, fixed_iters=False, with_init=True):
-    static = dict(num_clusters=args.clusters, iters=args.iters)
-    if fixed_iters:
-      bank = functools.partial(km.kmeans_bank_with_count, fixed_iters=True)
-    else:
-      bank = km.kmeans_bank  # the entry point cpal.py uses; counts come from the _with_count twin below
-    fn = jax.jit(lambda x, n, k, prev=None: bank(x, n, key=k, prev_centers=prev, **static))
+    static = dict(num_clusters=args.clusters, iters=args.iters, fixed_iters=fixed_iters)
+    fn = jax.jit(lambda x, n, k, prev=None: km.kmeans_bank(x, n, key=k, prev_centers=prev, **static))
     t = time.perf_counter()
     compiled = fn.lower(*call_args).compile()
     compile_s = time.perf_counter() - t
     out = jax.block_until_ready(compiled(*call_args))  # warm-up
     run_s = median_time(lambda: jax.block_until_ready(compiled(*call_args)), args.repeats)
-    counted = km.kmeans_bank_with_count(
-        *call_args[:2],
-        key=call_args[2],
-        prev_centers=call_args[3] if len(call_args) > 3 else None,
-        fixed_iters=fixed_iters,
-        **static,
-    )
-    n_iter = np.asarray(counted[3])
+    n_iter = np.asarray(out.n_iter)
     loop_iters = args.iters if fixed_iters else int(n_iter.max())  # the batched loop's trip count
     rows.append(
         dict(

@@ -19,13 +19,11 @@ from sklearn.cluster import KMeans
 from cpal_jax.method import kmeans as km
 
 CAP, DIM, C, ITERS = 128, 6, 5, 20
-STATIC = ("num_clusters", "iters", "init", "metric")
+STATIC = ("num_clusters", "iters", "init", "metric", "fixed_iters")
 kmeans = jax.jit(km.kmeans, static_argnames=STATIC)
 init_centers = jax.jit(km.init_centers, static_argnames=("num_clusters", "init", "metric"))
-lloyd = jax.jit(km.lloyd, static_argnames=("iters", "metric"))
+lloyd = jax.jit(km.lloyd, static_argnames=("iters", "metric", "fixed_iters"))
 assign = jax.jit(km.assign, static_argnames=("metric",))
-lloyd_with_count = jax.jit(km.lloyd_with_count, static_argnames=("iters", "metric", "fixed_iters"))
-kmeans_with_count = jax.jit(km.kmeans_with_count, static_argnames=STATIC + ("fixed_iters",))
 
 
 def ring(real, garbage=1e30):
@@ -73,12 +71,12 @@ def test_matches_sklearn(data, init):
   key = jax.random.key(7)
 
   c0 = np.asarray(init_centers(points, count, C, key, init))
-  ours = np.asarray(lloyd(points, count, c0, ITERS))
+  ours = np.asarray(lloyd(points, count, c0, ITERS)[0])
   ref = KMeans(C, init=c0.astype(np.float64), n_init=1, max_iter=ITERS, tol=0, algorithm="lloyd")
   ref.fit(real.astype(np.float64))
   np.testing.assert_allclose(ours, ref.cluster_centers_, atol=1e-4)
   # Same stopping rule, same iteration count (scikit-learn's n_iter_ includes the no-change iteration).
-  counted, n_iter = lloyd_with_count(points, count, c0, ITERS)
+  counted, n_iter = lloyd(points, count, c0, ITERS)
   np.testing.assert_array_equal(np.asarray(counted), ours)
   assert int(n_iter) == ref.n_iter_
   labels = np.asarray(assign(points, count, ours))
@@ -86,7 +84,7 @@ def test_matches_sklearn(data, init):
   assert (labels[count:] == -1).all()
 
   # The all-in-one entry point draws the same init from the same key.
-  centers, sizes, valid = kmeans(points, count, C, key, iters=ITERS, init=init)
+  centers, sizes, valid, _ = kmeans(points, count, C, key, iters=ITERS, init=init)
   np.testing.assert_allclose(np.asarray(centers), ref.cluster_centers_, atol=1e-4)
   np.testing.assert_array_equal(np.asarray(sizes), np.bincount(ref.labels_, minlength=C))
   assert np.asarray(valid).all()
@@ -108,7 +106,7 @@ def test_empty_cluster_keeps_its_centre():
   c0 = real[:C].copy()
   c0[3] = 1000.0  # nearest to no point, ever
   c0[4] = c0[0]  # exact duplicate: loses every tie to centre 0 at first, may win points later
-  centers, sizes, valid = kmeans(ring(real), 60, C, None, iters=ITERS, prev_centers=c0)
+  centers, sizes, valid, _ = kmeans(ring(real), 60, C, None, iters=ITERS, prev_centers=c0)
   centers = np.asarray(centers)
   np.testing.assert_array_equal(centers[3], c0[3])
   assert int(sizes[3]) == 0 and bool(valid[3])
@@ -120,7 +118,7 @@ def test_empty_cluster_keeps_its_centre():
 def test_fewer_points_than_clusters():
   rng = np.random.default_rng(3)
   real = rng.normal(size=(3, DIM)).astype(np.float32)
-  centers, sizes, valid = kmeans(ring(real), 3, C, jax.random.key(0), iters=ITERS)
+  centers, sizes, valid, _ = kmeans(ring(real), 3, C, jax.random.key(0), iters=ITERS)
   np.testing.assert_array_equal(np.asarray(valid), [True] * 3 + [False] * (C - 3))
   np.testing.assert_array_equal(np.asarray(centers)[:3], real)
   np.testing.assert_array_equal(np.asarray(centers)[3:], 0.0)
@@ -131,7 +129,7 @@ def test_fewer_points_than_clusters():
 def test_empty_bank_is_all_invalid_and_finite(init):
   for garbage in (1e30, np.nan):
     points = ring(np.zeros((0, DIM), np.float32), garbage)
-    centers, sizes, valid = kmeans(points, 0, C, jax.random.key(0), iters=ITERS, init=init)
+    centers, sizes, valid, _ = kmeans(points, 0, C, jax.random.key(0), iters=ITERS, init=init)
     assert not np.asarray(valid).any()
     assert np.isfinite(np.asarray(centers)).all()
     assert not np.asarray(sizes).any()
@@ -172,7 +170,7 @@ def test_cosine_is_spherical_kmeans():
   key = jax.random.key(3)
   c0 = np.asarray(init_centers(ring(real), count, C, key, metric="cosine"))
   np.testing.assert_allclose(np.linalg.norm(c0, axis=1), 1.0, atol=1e-6)
-  centers, sizes, valid = kmeans(ring(real), count, C, key, iters=ITERS, metric="cosine")
+  centers, sizes, valid, _ = kmeans(ring(real), count, C, key, iters=ITERS, metric="cosine")
   centers = np.asarray(centers)
   np.testing.assert_allclose(np.linalg.norm(centers, axis=1), 1.0, atol=1e-6)
   ref, ref_labels = np_lloyd(real, c0, ITERS, cosine=True)
@@ -200,12 +198,12 @@ def bank_of(rng, k, cap):
 def test_kmeans_bank_is_per_class_kmeans():
   feats, count = bank_of(np.random.default_rng(8), 6, CAP)
   key = jax.random.key(9)
-  centers, sizes, valid = km.kmeans_bank(feats, count, C, key, iters=ITERS)
+  centers, sizes, valid, _ = km.kmeans_bank(feats, count, C, key, iters=ITERS)
   assert centers.shape == (6, C, DIM) and sizes.shape == valid.shape == (6, C)
   assert np.isfinite(np.asarray(centers)).all()
   for k in range(6):
     one = kmeans(feats[k], int(count[k]), C, jax.random.fold_in(key, k), iters=ITERS)
-    for a, b in zip((centers[k], sizes[k], valid[k]), one):
+    for a, b in zip((centers[k], sizes[k], valid[k]), one[:3]):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
@@ -274,8 +272,8 @@ def test_early_stop_equals_fixed_iterations(data, metric):
   if data == "empty_cluster":
     c0[3] = -1000.0 if metric == "euclidean" else -1.0 / np.sqrt(DIM)
 
-  early = kmeans_with_count(points, count, C, None, iters=FIXED, metric=metric, prev_centers=c0)
-  fixed = kmeans_with_count(
+  early = kmeans(points, count, C, None, iters=FIXED, metric=metric, prev_centers=c0)
+  fixed = kmeans(
       points, count, C, None, iters=FIXED, metric=metric, prev_centers=c0, fixed_iters=True
   )
   for a, b in zip(early, fixed):  # including n_iter
@@ -288,7 +286,7 @@ def test_early_stop_equals_fixed_iterations(data, metric):
   ref_centers, ref_sizes = fixed_kmeans(points, count, C, None, c0, FIXED, metric)
   np.testing.assert_array_equal(np.asarray(early[0]), np.asarray(ref_centers))
   np.testing.assert_array_equal(np.asarray(early[1]), np.asarray(ref_sizes))
-  np.testing.assert_array_equal(np.asarray(lloyd(points, count, c0, FIXED, metric)), np.asarray(ref_centers))
+  np.testing.assert_array_equal(np.asarray(lloyd(points, count, c0, FIXED, metric)[0]), np.asarray(ref_centers))
 
 
 def test_stops_early_on_separated_data():
@@ -296,12 +294,12 @@ def test_stops_early_on_separated_data():
   real = separated(rng, 120)
   key = jax.random.key(15)
   c0 = np.asarray(init_centers(ring(real), 120, C, key))
-  _, n_iter = lloyd_with_count(ring(real), 120, c0, ITERS)
+  _, n_iter = lloyd(ring(real), 120, c0, ITERS)
   assert 2 <= int(n_iter) < ITERS // 2  # at least one update plus the no-change iteration
-  _, n_fixed = lloyd_with_count(ring(real), 120, c0, ITERS, fixed_iters=True)
+  _, n_fixed = lloyd(ring(real), 120, c0, ITERS, fixed_iters=True)
   assert int(n_fixed) == int(n_iter)
   # A budget smaller than what convergence needs is respected, and counted like scikit-learn does.
-  _, n_one = lloyd_with_count(ring(real), 120, c0, 1)
+  _, n_one = lloyd(ring(real), 120, c0, 1)
   ref = KMeans(C, init=c0.astype(np.float64), n_init=1, max_iter=1, tol=0, algorithm="lloyd").fit(real)
   assert int(n_one) == ref.n_iter_ == 1
 
@@ -313,17 +311,14 @@ def test_kmeans_bank_early_stop_equals_fixed_iterations(warm):
   feats[3, : count[3]] = separated(rng, int(count[3]))  # converges fast; the others take longer
   key = jax.random.key(17)
   prev = rng.normal(size=(6, C, DIM)).astype(np.float32) if warm else None
-  run = functools.partial(km.kmeans_bank_with_count, num_clusters=C, key=key, iters=FIXED, prev_centers=prev)
+  run = functools.partial(km.kmeans_bank, num_clusters=C, key=key, iters=FIXED, prev_centers=prev)
   early, fixed = run(feats, count), run(feats, count, fixed_iters=True)
   for a, b in zip(early, fixed):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  plain = km.kmeans_bank(feats, count, C, key, iters=FIXED, prev_centers=prev)
-  for a, b in zip(plain, early[:3]):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   n_iter = np.asarray(early[3])
   assert (n_iter < FIXED).all() and n_iter.min() < n_iter.max()  # classes converge at different times
   for k in range(6):  # a class's count does not depend on the others in the batch
-    one = kmeans_with_count(
+    one = kmeans(
         feats[k],
         int(count[k]),
         C,

@@ -123,7 +123,7 @@ def init_state(
 
 def recluster(state: CPALState, key: jax.Array, cfg) -> CPALState:
   """Eq. 5 at an epoch start: k-means on every class bank; mu_c is the bank mean."""
-  centers, sizes, valid = kmeans_lib.kmeans_bank(
+  centers, sizes, valid, _ = kmeans_lib.kmeans_bank(
       state.bank.feats,
       state.bank.count,
       state.centers.shape[1],

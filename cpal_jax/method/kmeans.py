@@ -10,18 +10,26 @@ stops as soon as an iteration leaves every assignment unchanged; there is no tol
 shift. Stopping early changes nothing: once the labels repeat, the centres are a fixed point and
 every further iteration is an exact no-op (the loop body keeps the centres and labels by an explicit
 select, so this does not rely on the mean of an unchanged assignment being recomputed bit for bit).
-The result is therefore identical to running exactly `iters` iterations, which `fixed_iters=True` of
-the `*_with_count` variants still does (for tests and benchmarks). Under vmap (kmeans_bank) the
+The result is therefore identical to running exactly `iters` iterations, which `fixed_iters=True`
+still does (for tests and benchmarks); `n_iter` says how many ran. Under vmap (kmeans_bank) the
 batched loop runs until every class has converged or hit `iters`; converged classes do not change.
 With the class axis sharded this costs one scalar all-reduce (the loop condition) per iteration.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 _HI = jax.lax.Precision.HIGHEST
+
+
+class Clusters(NamedTuple):
+  centers: jax.Array  # [C, dim] ([K, C, dim] for a bank)
+  sizes: jax.Array  # [C] int32: points per centre
+  valid: jax.Array  # [C] bool: False for the slots of a class with fewer points than centres
+  n_iter: jax.Array  # int32: Lloyd iterations run (scikit-learn's `n_iter_` convention)
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -148,19 +156,14 @@ def _prepare_centers(centers, metric):
   return _normalize(centers) if metric == "cosine" else centers
 
 
-def lloyd_with_count(
+def lloyd(
     points, count, centers, iters: int = 30, metric: str = "euclidean", *, fixed_iters: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-  """lloyd, also returning the number of iterations run (scikit-learn's `n_iter_` convention)."""
+  """Lloyd iterations from `centers` over the valid slots of `points` until no assignment changes,
+  at most `iters` of them (no centre-shift tolerance); returns (centres, iterations run)."""
   points, mask = _prepare(points, count, metric)
   centers, _, n_iter = _lloyd(points, mask, _prepare_centers(centers, metric), iters, metric, fixed_iters)
   return centers, n_iter
-
-
-def lloyd(points, count, centers, iters: int = 30, metric: str = "euclidean") -> jax.Array:
-  """Lloyd iterations from `centers` over the valid slots of `points` until no assignment changes,
-  at most `iters` of them (no centre-shift tolerance); returns the centres."""
-  return lloyd_with_count(points, count, centers, iters, metric)[0]
 
 
 def assign(points, count, centers, metric: str = "euclidean") -> jax.Array:
@@ -169,7 +172,7 @@ def assign(points, count, centers, metric: str = "euclidean") -> jax.Array:
   return _assign(points, mask, centers.astype(jnp.float32), metric).astype(jnp.int32)
 
 
-def kmeans_with_count(
+def kmeans(
     points,
     count,
     num_clusters: int,
@@ -180,10 +183,14 @@ def kmeans_with_count(
     metric: str = "euclidean",
     prev_centers=None,
     fixed_iters: bool = False,
-):
-  """kmeans, also returning n_iter (int32 scalar, scikit-learn's `n_iter_` convention, see _lloyd).
+) -> Clusters:
+  """Clusters the first `count` slots of `points` [capacity, dim] into `num_clusters` groups.
 
-  fixed_iters=True always runs `iters` iterations; the result is identical, only slower.
+  Lloyd runs until no assignment changes (scikit-learn's strict convergence; no centre-shift
+  tolerance), at most `iters` iterations; the result equals that of exactly `iters` iterations.
+  prev_centers, if given, replaces the random init (warm start from a previous run). With fewer
+  valid points than clusters the centres are the points themselves, in slot order, the rest masked.
+  fixed_iters=True always runs `iters` iterations (the same result, slower). Returns Clusters.
   """
   capacity, dim = points.shape
   points, mask = _prepare(points, count, metric)
@@ -201,7 +208,7 @@ def kmeans_with_count(
     head = jnp.pad(head, ((0, num_clusters - capacity), (0, 0)))
   slot_valid = jnp.arange(num_clusters) < count
   few_centers = jnp.where(slot_valid[:, None], head, 0.0)
-  return (
+  return Clusters(
       jnp.where(few, few_centers, centers),
       jnp.where(few, slot_valid.astype(jnp.int32), sizes),
       jnp.where(few, slot_valid, True),
@@ -209,47 +216,7 @@ def kmeans_with_count(
   )
 
 
-def kmeans(
-    points,
-    count,
-    num_clusters: int,
-    key,
-    *,
-    iters: int = 30,
-    init: str = "kmeans++",
-    metric: str = "euclidean",
-    prev_centers=None,
-):
-  """Clusters the first `count` slots of `points` [capacity, dim] into `num_clusters` groups.
-
-  Lloyd runs until no assignment changes (scikit-learn's strict convergence; no centre-shift
-  tolerance), at most `iters` iterations; the result equals that of exactly `iters` iterations.
-  prev_centers, if given, replaces the random init (warm start from a previous run). With fewer
-  valid points than clusters the centres are the points themselves, in slot order, the rest masked.
-  Returns (centers [num_clusters, dim], sizes [num_clusters] int32, valid [num_clusters] bool).
-  """
-  return kmeans_with_count(
-      points, count, num_clusters, key, iters=iters, init=init, metric=metric, prev_centers=prev_centers
-  )[:3]
-
-
-def _bank(bank_feats, bank_count, num_clusters, key, iters, init, metric, prev_centers, fixed_iters):
-  keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(bank_feats.shape[0]))
-  run = functools.partial(
-      kmeans_with_count,
-      num_clusters=num_clusters,
-      iters=iters,
-      init=init,
-      metric=metric,
-      fixed_iters=fixed_iters,
-  )
-  if prev_centers is None:
-    return jax.vmap(lambda p, c, k: run(p, c, key=k))(bank_feats, bank_count, keys)
-  warm = jax.vmap(lambda p, c, k, pc: run(p, c, key=k, prev_centers=pc))
-  return warm(bank_feats, bank_count, keys, prev_centers)
-
-
-@functools.partial(jax.jit, static_argnames=("num_clusters", "iters", "init", "metric"))
+@functools.partial(jax.jit, static_argnames=("num_clusters", "iters", "init", "metric", "fixed_iters"))
 def kmeans_bank(
     bank_feats,
     bank_count,
@@ -260,8 +227,10 @@ def kmeans_bank(
     init: str = "kmeans++",
     metric: str = "euclidean",
     prev_centers=None,
-):
-  """kmeans on every class of a bank: [K, capacity, dim], [K] -> ([K, C, dim], [K, C], [K, C]).
+    fixed_iters: bool = False,
+) -> Clusters:
+  """kmeans on every class of a bank: [K, capacity, dim], [K] -> Clusters of [K, C, dim], [K, C],
+  [K, C], [K].
 
   Each class gets fold_in(key, class index), so a class's result does not depend on how many
   classes there are or how they are sharded; with the class axis sharded, each device clusters its
@@ -270,24 +239,11 @@ def kmeans_bank(
   assignment changed) or after `iters` iterations; a converged class is not changed further, so the
   result is the same as with `iters` iterations. prev_centers, if given, is [K, C, dim].
   """
-  return _bank(bank_feats, bank_count, num_clusters, key, iters, init, metric, prev_centers, False)[:3]
-
-
-@functools.partial(jax.jit, static_argnames=("num_clusters", "iters", "init", "metric", "fixed_iters"))
-def kmeans_bank_with_count(
-    bank_feats,
-    bank_count,
-    num_clusters: int,
-    key,
-    *,
-    iters: int = 30,
-    init: str = "kmeans++",
-    metric: str = "euclidean",
-    prev_centers=None,
-    fixed_iters: bool = False,
-):
-  """kmeans_bank, also returning n_iter [K] int32 per class (scikit-learn's `n_iter_` convention).
-
-  fixed_iters=True runs all `iters` iterations for every class (identical result; for benchmarks).
-  """
-  return _bank(bank_feats, bank_count, num_clusters, key, iters, init, metric, prev_centers, fixed_iters)
+  keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(bank_feats.shape[0]))
+  run = functools.partial(
+      kmeans, num_clusters=num_clusters, iters=iters, init=init, metric=metric, fixed_iters=fixed_iters
+  )
+  if prev_centers is None:
+    return jax.vmap(lambda p, c, k: run(p, c, key=k))(bank_feats, bank_count, keys)
+  warm = jax.vmap(lambda p, c, k, pc: run(p, c, key=k, prev_centers=pc))
+  return warm(bank_feats, bank_count, keys, prev_centers)
