@@ -133,17 +133,10 @@ class _DropLast:
     return self._shuffled[epoch * self._n + j]
 
 
-def train_iterator(
-    config,
-    source,
-    schedule: Schedule,
-    process_index: int = 0,
-    process_count: int = 1,
-    augment=None,
-    batch_key: str = "train.batch_size",
-):
-  """train_dataset as a checkpointable iterator (grain worker processes if data.workers > 0)."""
-  ds = train_dataset(config, source, schedule, process_index, process_count, augment, batch_key)
+def train_iterator(config, source, schedule: Schedule, *args, **kwargs):
+  """train_dataset (the same arguments) as a checkpointable iterator (grain worker processes if
+  data.workers > 0)."""
+  ds = train_dataset(config, source, schedule, *args, **kwargs)
   if config.data.workers > 0:
     return iter(
         ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.workers))

@@ -6,7 +6,6 @@ and resumes from the workdir.
 """
 
 import dataclasses
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +14,9 @@ import optax
 from cpal_jax import image_ops, paths
 from cpal_jax.data import pipeline
 from cpal_jax.method import objectives, ppc
-from cpal_jax.models import cam_net, pretrained
+from cpal_jax.models import cam_net
 from cpal_jax.parallel import sharding
 from cpal_jax.train import loop, optim, state as state_lib, trainer
-
-log = logging.getLogger(__name__)
-
 
 def make_train_step(model, tx: optax.GradientTransformation, config):
 
@@ -109,11 +105,6 @@ def build(config, mesh, num_train: int) -> trainer.Setup:
   feat_dim = cam_net.projected_features(config, jax.eval_shape(model.apply, abstract_vars, dummy)).shape[-1]
   num_devices = mesh.shape[sharding.DATA]
 
-  def load(variables):
-    variables, n = pretrained.load_into(variables, config.model.pretrained, prefix="backbone")
-    log.info("loaded %d tensors from %s", n, config.model.pretrained)
-    return variables
-
   setup = trainer.build(
       model,
       mesh,
@@ -125,7 +116,7 @@ def build(config, mesh, num_train: int) -> trainer.Setup:
       make_step=lambda tx: make_train_step(model, tx, config),
       nonfinite=config.train.nonfinite,
       keyed=True,
-      load=load if config.model.pretrained else None,
+      load=trainer.backbone_loader(config.model.pretrained, "train_cam"),
       extra=lambda: objectives.init_state(config, feat_dim, num_devices),
       extra_sharding=lambda abstract: objectives.state_sharding(config, mesh, abstract),
   )
@@ -143,15 +134,8 @@ def train(config, workdir: str) -> dict:
   schedule = setup.schedule
   data_iter = pipeline.train_iterator(config, source, schedule, jax.process_index(), jax.process_count())
   t = config.train
-  spec = trainer.loop_spec(
-      "train_cam",
-      t,
-      schedule,
-      ckpt_dir=paths.cam_ckpt(workdir),
-      tb_dir=paths.cam_tb(workdir),
-      meta=fingerprint(config, schedule.num_steps),
-      lr=optim.poly(t.lr, schedule.num_steps, t.poly_power),
-  )
+  dirs = (paths.cam_ckpt(workdir), paths.cam_tb(workdir))
+  spec = trainer.loop_spec("train_cam", t, schedule, *dirs, fingerprint(config, schedule.num_steps))
   base_key = jax.random.key(config.seed + 1)
   kmeans_key = jax.random.key(config.seed + 2)
 

@@ -13,7 +13,6 @@ per-replica state (frozen BatchNorm, per-sample GroupNorm). So any number of dev
 same step, up to float rounding.
 """
 
-import logging
 
 import grain
 import jax
@@ -24,12 +23,9 @@ from PIL import Image
 from cpal_jax import paths
 from cpal_jax.data import label_png, pipeline, transforms
 from cpal_jax.models import irn as irn_model
-from cpal_jax.models import pretrained
 from cpal_jax.parallel import sharding
 from cpal_jax.refine import affinity
 from cpal_jax.train import loop, optim, state as state_lib, trainer
-
-log = logging.getLogger(__name__)
 
 IGNORE = transforms.IGNORE_INDEX
 POLY_POWER = 0.9  # IRN's PolyOptimizer exponent (the constructor argument it calls `momentum`)
@@ -162,11 +158,6 @@ def build(config, mesh, num_steps: int) -> trainer.Setup:
     )
   model = irn_model.from_config(config)
 
-  def load(variables):
-    variables, loaded = pretrained.load_into(variables, irn.pretrained, prefix="backbone")
-    log.info("irn: loaded %d tensors from %s", loaded, irn.pretrained)
-    return variables
-
   return trainer.build(
       model,
       mesh,
@@ -175,7 +166,7 @@ def build(config, mesh, num_steps: int) -> trainer.Setup:
       make_tx=lambda _: make_optimizer(irn, num_steps),
       make_step=lambda tx: make_train_step(model, tx, irn.radius, irn.irn_window),
       nonfinite=irn.nonfinite,
-      load=load if irn.pretrained else None,
+      load=trainer.backbone_loader(irn.pretrained, "train_irn"),
       trainable=_heads,
   )
 
@@ -204,10 +195,9 @@ def train(config, workdir: str, images=None) -> dict:
       "train_irn",
       irn,
       schedule,
-      ckpt_dir=paths.irn_ckpt(workdir),
-      tb_dir=paths.irn_tb(workdir),
-      meta=fingerprint(config, schedule.num_steps),
-      lr=optim.poly(irn.lr, schedule.num_steps, POLY_POWER),
+      paths.irn_ckpt(workdir),
+      paths.irn_tb(workdir),
+      fingerprint(config, schedule.num_steps),
       ckpt_keep=config.train.ckpt_keep,
       summary_line=lambda step, m: (
           f"irn step {step}/{schedule.num_steps}  loss {m['loss/total']:.4f} (bg {m['loss/bg_pos']:.4f} "

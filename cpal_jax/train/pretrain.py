@@ -171,10 +171,9 @@ def train(config, workdir: str) -> dict:
       "pretrain",
       t,
       schedule,
-      ckpt_dir=os.path.join(workdir, "ckpt"),
-      tb_dir=os.path.join(workdir, "tb"),
-      meta={"config_hash": config_hash(config)},
-      lr=lr,
+      os.path.join(workdir, "ckpt"),
+      os.path.join(workdir, "tb"),
+      {"config_hash": config_hash(config)},
       summary_line=lambda step, m: f"pretrain step {step}: loss {m['loss/total']:.3f} acc {m['accuracy']:.3f}",
   )
   key = jax.random.key(config.seed)

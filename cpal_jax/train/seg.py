@@ -310,13 +310,9 @@ def build(config, mesh, num_steps: int, backbone: dict | None = None) -> trainer
   s = config.seg
   model = deeplab.from_config(config)
 
-  def load(variables):
-    if backbone is not None:
-      variables, n = pretrained.load_flat_into(variables, backbone, "the CAM checkpoint", prefix="backbone")
-      log.info("seg: started %d backbone tensors from the CAM network", n)
-    else:
-      variables, n = pretrained.load_into(variables, s.pretrained, prefix="backbone")
-      log.info("seg: loaded %d backbone tensors from %s", n, s.pretrained)
+  def from_cam(variables):
+    variables, n = pretrained.load_flat_into(variables, backbone, "the CAM checkpoint", prefix="backbone")
+    log.info("seg: started %d backbone tensors from the CAM network", n)
     return variables
 
   return trainer.build(
@@ -327,7 +323,7 @@ def build(config, mesh, num_steps: int, backbone: dict | None = None) -> trainer
       make_tx=lambda v: make_optimizer(s, num_steps, v["params"]),
       make_step=lambda tx: make_train_step(model, tx, s),
       nonfinite=s.nonfinite,
-      load=load if backbone is not None or s.pretrained else None,
+      load=from_cam if backbone is not None else trainer.backbone_loader(s.pretrained, "train_seg"),
   )
 
 
@@ -364,16 +360,10 @@ def train(config, workdir: str) -> dict:
   )
   data_iter = train_iterator(config, source, schedule, jax.process_index(), jax.process_count())
 
-  spec = trainer.loop_spec(
-      "train_seg",
-      s,
-      schedule,
-      ckpt_dir=paths.seg_ckpt(workdir),
-      tb_dir=paths.seg_tb(workdir),
-      meta=fingerprint(config, schedule.num_steps),
-      lr=optim.poly(s.lr, schedule.num_steps, s.poly_power),
-      hint=" (a lower seg.lr or seg.balanced_ce=True may help)",
-  )
+  dirs = (paths.seg_ckpt(workdir), paths.seg_tb(workdir))
+  hint = " (a lower seg.lr or seg.balanced_ce=True may help)"
+  meta = fingerprint(config, schedule.num_steps)
+  spec = trainer.loop_spec("train_seg", s, schedule, *dirs, meta, hint=hint)
   if not (s.pretrained or s.init_from_cam) and s.batch_norm == "frozen" and not resuming:
     log.warning(
         "seg: frozen BatchNorm with random init normalises nothing (identity statistics); "

@@ -5,14 +5,18 @@ optimiser groups and augmentation."""
 
 import dataclasses
 import json
+import logging
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from cpal_jax.data import pipeline
+from cpal_jax.models import pretrained
 from cpal_jax.parallel import sharding
-from cpal_jax.train import loop, state as state_lib
+from cpal_jax.train import loop, optim, state as state_lib
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +96,20 @@ def build(
   return Setup(model, step_fn, abstract, init_state, shardings)
 
 
+def backbone_loader(path: str, stage: str) -> Callable | None:
+  """For build's `load`: variables -> variables with the backbone read from a converted weight file
+  (BN statistics included); None when `path` is empty (random init)."""
+  if not path:
+    return None
+
+  def load(variables):
+    variables, n = pretrained.load_into(variables, path, prefix="backbone")
+    log.info("%s: loaded %d backbone tensors from %s", stage, n, path)
+    return variables
+
+  return load
+
+
 def fingerprint(config, keys, extra: dict | None = None) -> dict:
   """The config values (dotted `keys`) a resumed run must share with its checkpoint, plus `extra`,
   as JSON stores them (tuples become lists)."""
@@ -105,15 +123,20 @@ def fingerprint(config, keys, extra: dict | None = None) -> dict:
   return json.loads(json.dumps(fp))
 
 
-def loop_spec(name: str, section, schedule: pipeline.Schedule, **kwargs) -> loop.Loop:
-  """A Loop whose logging, checkpoint and non-finite settings come from `section` (kwargs win)."""
+def loop_spec(
+    name: str, section, schedule: pipeline.Schedule, ckpt_dir: str, tb_dir: str, meta: dict, **kwargs
+) -> loop.Loop:
+  """A Loop whose logging, checkpoint and non-finite settings and logged lr (poly decay of
+  section.lr) come from `section`; kwargs win."""
   fields = {
+      # IRN's section has no poly_power: its PolyOptimizer's fixed 0.9.
+      "lr": optim.poly(section.lr, schedule.num_steps, section.get("poly_power", 0.9)),
       "log_every": section.log_every,
       "ckpt_every": section.ckpt_every,
       "ckpt_keep": section.get("ckpt_keep", 2),
       "nonfinite": section.nonfinite,
   }
-  return loop.Loop(name=name, schedule=schedule, **{**fields, **kwargs})
+  return loop.Loop(name, ckpt_dir, tb_dir, meta, schedule, **{**fields, **kwargs})
 
 
 def fit(spec: loop.Loop, setup: Setup, data_iter, mesh, stop_at_step: int, step_fn: Callable, **hooks):
