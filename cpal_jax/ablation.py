@@ -11,9 +11,12 @@ table<T>.md and table<T>.json: seed mIoU mean +- std per row next to the paper's
 
 import json
 import os
+import sys
 
 import numpy as np
 from absl import app, flags
+
+from cpal_jax import provenance
 
 # (row id, description, the paper's VOC seed mIoU, config overrides on top of the base config).
 # Rows II-IV train without L_self, which is what trains the side heads behind F_hie (their inputs
@@ -86,41 +89,52 @@ def _mean_std(vals):
   return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
 
 
-def summarize(table: str, results: dict) -> tuple[str, list]:
-  """results: row id -> list of per-seed summaries (summary.json dicts). Returns (markdown, rows).
+def summarize(table: str, results: dict, seeds: list[int], command: str = "") -> tuple[str, list]:
+  """results: row id -> list of per-seed summaries (summary.json dicts), in `seeds` order. Returns
+  (markdown in docs/results.md's form: the command and commit, then one row per setting with the
+  mean +- std and each seed's figure; rows).
 
-  Rows scored by a background threshold (plain CAM) show the oracle sweep (t picked on ground
-  truth) and IRN's fixed t=0.15 side by side; argmax rows need no threshold.
+  Rows scored by a background threshold (plain CAM) add the oracle sweep (t picked on ground truth)
+  and IRN's fixed t=0.15 columns; argmax rows need no threshold.
   """
-  rows, lines = [], [
-      "| row | setting | seed mIoU, mean +- std (n) | fixed t=0.15 | oracle t | paper (VOC train) |",
-      "| --- | --- | --- | --- | --- | --- |",
-  ]
+  rows = []
   for rid, desc, paper, _ in TABLES[table]:
     runs = results.get(rid)
     if not runs:
       continue
     vals = [r["seed_miou"] for r in runs]
     mean, std = _mean_std(vals)
-    fixed = [r["seed_miou_fixed_threshold"]["miou"] for r in runs if r.get("seed_miou_fixed_threshold")]
-    oracle_t = [r["thresholds"]["seed"] for r in runs if (r.get("thresholds") or {}).get("seed") is not None]
     row = {"row": rid, "setting": desc, "seed_miou": vals, "mean": mean, "std": std, "paper_voc": paper}
-    fixed_txt, t_txt = "-", "-"
+    fixed = [r["seed_miou_fixed_threshold"]["miou"] for r in runs if r.get("seed_miou_fixed_threshold")]
     if fixed:
       row["fixed_threshold_miou"] = fixed
-      fm, fs = _mean_std(fixed)
-      fixed_txt = f"{fm:.2f} +- {fs:.2f}"
+    oracle_t = [r["thresholds"]["seed"] for r in runs if (r.get("thresholds") or {}).get("seed") is not None]
     if oracle_t:
       row["oracle_thresholds"] = oracle_t
-      t_txt = ", ".join(f"{t:.2f}" for t in oracle_t)
     rows.append(row)
-    lines.append(
-        f"| {rid} | {desc} | {mean:.2f} +- {std:.2f} ({len(vals)}) | {fixed_txt} | {t_txt} | {paper} |"
-    )
-  return "\n".join(lines) + "\n", rows
+  swept = any("oracle_thresholds" in r for r in rows)
+  head = ["row", "setting", f"seed mIoU, seeds {', '.join(map(str, seeds))}"]
+  head += ["fixed t=0.15", "oracle t"] if swept else []
+  lines = [f"| {' | '.join(head + ['paper (VOC train)'])} |", "|" + " --- |" * (len(head) + 1)]
+  for row in rows:
+    each = ", ".join(f"{v:.2f}" for v in row["seed_miou"])
+    cells = [row["row"], row["setting"], f"{row['mean']:.2f} +- {row['std']:.2f} ({each})"]
+    if swept:
+      fixed_txt = "-"
+      if "fixed_threshold_miou" in row:
+        fm, fs = _mean_std(row["fixed_threshold_miou"])
+        fixed_txt = f"{fm:.2f} +- {fs:.2f}"
+      cells += [fixed_txt, ", ".join(f"{t:.2f}" for t in row.get("oracle_thresholds", [])) or "-"]
+    lines.append(f"| {' | '.join(cells + [str(row['paper_voc'])])} |")
+  preface = []
+  if command:
+    preface = [f"`{command}` at commit {provenance.git_commit()}:", ""]
+  return "\n".join(preface + lines) + "\n", rows
 
 
-def run_table(base, table: str, seeds: list[int], workdir: str, rows: list[str] | None = None) -> dict:
+def run_table(
+    base, table: str, seeds: list[int], workdir: str, rows: list[str] | None = None, command: str = ""
+) -> dict:
   from cpal_jax import paths, run_record, stages
 
   results = {}  # row id -> per-seed summaries
@@ -133,7 +147,7 @@ def run_table(base, table: str, seeds: list[int], workdir: str, rows: list[str] 
       if done.get("seed_miou") is None or "eval_cam" not in (done.get("stage_seconds") or {}):
         done = stages.run(row_config(base, overrides, seed), run_dir)
       results.setdefault(rid, []).append(done)
-  md, json_rows = summarize(table, results)
+  md, json_rows = summarize(table, results, seeds, command)
   paths.write_text(os.path.join(workdir, f"table{table}.md"), md)
   paths.write_text(
       os.path.join(workdir, f"table{table}.json"), json.dumps(json_rows, indent=2) + "\n"
@@ -161,7 +175,8 @@ def cli() -> None:
       raise app.UsageError(f"unknown rows {sorted(unknown)} for table {table.value}")
     command.setup_logging()
     with stages.exit_on_preemption():
-      run_table(config_flag.value, table.value, seeds, workdir.value, rows)
+      command_line = " ".join(["python -m cpal_jax.ablation", *sys.argv[1:]])
+      run_table(config_flag.value, table.value, seeds, workdir.value, rows, command_line)
 
   app.run(main)
 

@@ -8,10 +8,26 @@ refused with the differing keys and what to delete, and nothing written is touch
 
 import json
 import os
+import subprocess
 
 import jax
 
 from cpal_jax import paths
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_commit() -> str:
+  """The short commit of the checkout this package runs from, "+dirty" with uncommitted changes to
+  tracked files; "unknown" outside a git checkout."""
+  try:
+    run = lambda *a: subprocess.run(
+        ["git", "-C", _REPO, *a], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+    commit = run("rev-parse", "--short", "HEAD")
+    return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
 
 
 def flat(prefix: str, tree) -> dict:

@@ -38,14 +38,20 @@ def test_table4_sets_the_regularisers_side_by_side():
   assert rows["SIPE"][1] == {"method.name": "sipe"} and rows["CPAL"][1] == {"method.name": "cpal"}
 
 
-def test_summarize_mean_and_std():
+def test_summarize_mean_and_std_in_the_docs_form():
   md, rows = ablation.summarize(
-      "3", {"dot": [{"seed_miou": 40.0}, {"seed_miou": 44.0}], "l1": [{"seed_miou": 30.0}]}
+      "3",
+      {"dot": [{"seed_miou": 40.0}, {"seed_miou": 44.0}], "l1": [{"seed_miou": 30.0}]},
+      [3, 4],
+      "python -m cpal_jax.ablation --table=3 --seeds=3,4",
   )
   by = {r["row"]: r for r in rows}
   assert by["dot"]["mean"] == 42.0 and by["dot"]["std"] == pytest.approx(np.std([40, 44], ddof=1))
   assert by["l1"]["std"] == 0.0 and "cos" not in by
-  assert "| dot | positiveness metric dot | 42.00 +- 2.83 (2) | - | - | 62.5 |" in md
+  lines = md.splitlines()
+  assert lines[0].startswith("`python -m cpal_jax.ablation --table=3 --seeds=3,4` at commit ")
+  assert "| row | setting | seed mIoU, seeds 3, 4 | paper (VOC train) |" in lines
+  assert "| dot | positiveness metric dot | 42.00 +- 2.83 (40.00, 44.00) | 62.5 |" in lines
 
 
 def test_summarize_threshold_rows_show_fixed_and_oracle():
@@ -61,9 +67,17 @@ def test_summarize_threshold_rows_show_fixed_and_oracle():
           "thresholds": {"seed": 0.40},
       },
   ]
-  md, rows = ablation.summarize("1", {"I": runs})
+  md, rows = ablation.summarize("1", {"I": runs, "V": [{"seed_miou": 50.0}, {"seed_miou": 52.0}]}, [0, 1])
   assert rows[0]["fixed_threshold_miou"] == [36.0, 38.0] and rows[0]["oracle_thresholds"] == [0.44, 0.40]
-  assert "| 46.00 +- 1.41 (2) | 37.00 +- 1.41 | 0.44, 0.40 | 50.1 |" in md
+  assert "| 46.00 +- 1.41 (45.00, 47.00) | 37.00 +- 1.41 | 0.44, 0.40 | 50.1 |" in md
+  assert "| 51.00 +- 1.41 (50.00, 52.00) | - | - | 62.5 |" in md  # argmax rows: no threshold
+
+
+def test_git_commit_names_this_checkout():
+  from cpal_jax import provenance
+
+  commit = provenance.git_commit()
+  assert commit == "unknown" or len(commit.split("+")[0]) >= 7
 
 
 @pytest.mark.slow
