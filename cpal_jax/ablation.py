@@ -174,7 +174,7 @@ def cli() -> None:
     if unknown:
       raise app.UsageError(f"unknown rows {sorted(unknown)} for table {table.value}")
     command.setup_logging()
-    with stages.exit_on_preemption():
+    with command.user_errors_in_one_line(config_flag.value.get("debug", False)), stages.exit_on_preemption():
       command_line = " ".join(["python -m cpal_jax.ablation", *sys.argv[1:]])
       run_table(config_flag.value, table.value, seeds, workdir.value, rows, command_line)
 

@@ -1,8 +1,10 @@
 """What every command-line program of the package shares: the --config flag and logging. Flags exist
 only when a module runs as a program, so importing the library defines none."""
 
+import contextlib
 import logging
 import os
+import sys
 
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -27,3 +29,25 @@ def define_config_flag(help_text: str, config_file: str = "synthetic.py"):
   return config_flags.DEFINE_config_file(
       "config", os.path.join(_REPO, "configs", config_file), help_text, lock_config=True
   )
+
+
+# What a user can fix (a config value, a missing or bad file, a refused resume): the packages raise
+# these with a message that names the key or file and the fix. Anything else is a bug and keeps its
+# traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+USER_ERROR_EXIT_CODE = 2
+DEBUG_ENV = "CPAL_JAX_DEBUG"
+
+
+@contextlib.contextmanager
+def user_errors_in_one_line(debug: bool = False):
+  """A user error ends the program with `error: <message>` on one line and exit status 2; with
+  debug (--config.debug=True, or CPAL_JAX_DEBUG=1) it raises as is, traceback included."""
+  try:
+    yield
+  except USER_ERRORS as e:
+    if debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+      raise
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"error: {message}  (CPAL_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT_CODE)

@@ -15,6 +15,7 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
   c.workdir = ""  # empty: runs/<config name>; the --workdir flag overrides
   c.stages = "train_cam,make_cam,eval_cam,refine,export,train_seg,eval_seg"
+  c.debug = False  # True: a user error (bad value, missing file, refused resume) shows its traceback
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"  # synthetic | voc | coco

@@ -24,9 +24,11 @@ def cli() -> None:
       raise app.UsageError(
           f"unexpected arguments {argv[1:]}; options are --config, --config.<key>=value, --workdir"
       )
+    if flags.FLAGS["workdir"].present and not workdir_flag.value:
+      raise app.UsageError("--workdir is empty; name a folder, or leave the flag out for config.workdir")
     command.setup_logging()
     config = config_flag.value
-    with stages.exit_on_preemption():
+    with command.user_errors_in_one_line(config.get("debug", False)), stages.exit_on_preemption():
       stages.run(config, workdir_flag.value or config.workdir or os.path.join("runs", "default"))
 
   app.run(main)

@@ -36,6 +36,10 @@ def config_json(workdir: str) -> str:
   return os.path.join(workdir, "config.json")
 
 
+def runs_jsonl(workdir: str) -> str:
+  return os.path.join(workdir, "runs.jsonl")
+
+
 def summary_json(workdir: str) -> str:
   return os.path.join(workdir, "summary.json")
 

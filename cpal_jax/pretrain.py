@@ -22,7 +22,7 @@ def cli() -> None:
     from cpal_jax.train import pretrain
 
     config = config_flag.value
-    with stages.exit_on_preemption():
+    with command.user_errors_in_one_line(), stages.exit_on_preemption():
       record = pretrain.train(config, workdir_flag.value or config.workdir)
     print(f"val accuracy {record['val_accuracy']:.4f} (chance {record['chance']:.4f}) in {record['seconds']:.0f} s; "
           f"weights: {config.out}")

@@ -43,19 +43,26 @@ def flat(prefix: str, tree) -> dict:
   return json.loads(json.dumps(out))
 
 
-def check_or_record(path: str, current: dict, outputs_exist: bool, outputs: str, fix: str) -> None:
-  """Refuses when outputs exist and `path` records another protocol; else records `current`.
+def check(path: str, current: dict, outputs_exist: bool, outputs: str, fix: str) -> bool:
+  """Refuses when outputs exist and `path` records another protocol; True when they exist with
+  this one's record.
 
   Outputs without a record (a workdir from before the record existed) cannot be checked: the
   current protocol becomes their record.
   """
   current = json.loads(json.dumps(current))
-  if outputs_exist and os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if saved != current:
-      keys = [k for k in {**saved, **current} if saved.get(k) != current.get(k)]
-      diff = ", ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in keys)
-      raise ValueError(f"{outputs} were made with another checkpoint or protocol ({diff}); {fix}")
-  elif jax.process_index() == 0:
-    paths.write_text(path, json.dumps(current, indent=2) + "\n")
+  if not (outputs_exist and os.path.exists(path)):
+    return False
+  with open(path) as f:
+    saved = json.load(f)
+  if saved != current:
+    keys = [k for k in {**saved, **current} if saved.get(k) != current.get(k)]
+    diff = ", ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in keys)
+    raise ValueError(f"{outputs} were made with another checkpoint or protocol ({diff}); {fix}")
+  return True
+
+
+def check_or_record(path: str, current: dict, outputs_exist: bool, outputs: str, fix: str) -> None:
+  """check, then records `current` where no record of these outputs holds."""
+  if not check(path, current, outputs_exist, outputs, fix) and jax.process_index() == 0:
+    paths.write_text(path, json.dumps(json.loads(json.dumps(current)), indent=2) + "\n")

@@ -149,3 +149,26 @@ def test_missing_voc_root_names_the_key(tmp_path):
   config = small_voc_config(tmp_path / "nowhere")
   with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
     cli.run(config, str(tmp_path / "run"))
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+  r = run_cli(f"--workdir={tmp_path}", "--config.stages=train_cam,bogus")
+  assert r.returncode == 2, r.stderr
+  assert "Traceback" not in r.stderr
+  (line,) = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  assert "config.stages" in line and "bogus" in line
+  debug = run_cli(f"--workdir={tmp_path}", "--config.stages=bogus", "--config.debug=True")
+  assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_empty_workdir_flag_is_refused(tmp_path):
+  r = subprocess.run(
+      [sys.executable, "-m", "cpal_jax.main", "--workdir="],
+      cwd=tmp_path,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert r.returncode != 0 and "--workdir is empty" in r.stderr
+  assert not os.listdir(tmp_path)

@@ -111,6 +111,18 @@ class _Subset:
     return self._source[self._indices[i]]
 
 
+def protocol_record(config, workdir: str) -> tuple | None:
+  """provenance.check's arguments for this workdir's predictions and this config's network and read;
+  None without a DeepLab checkpoint."""
+  step = checkpointing.latest_step(paths.seg_ckpt(workdir))
+  if step is None:
+    return None
+  pred, pred_crf, record = paths.seg_pred(workdir), paths.seg_pred_crf(workdir), paths.seg_protocol(workdir)
+  made = any(os.path.isdir(d) and os.listdir(d) for d in (pred, pred_crf))
+  fix = f"delete {pred}, {pred_crf} and {record} to predict again"
+  return record, protocol(config, step), made, f"the predictions in {pred}", fix
+
+
 def protocol(config, step: int) -> dict:
   ev = config.seg.eval
   return {
@@ -196,21 +208,15 @@ def evaluate(config, workdir: str) -> dict:
   ev = config.seg.eval
   split = config.data.val_split
   source = pipeline.make_source(config, split, with_mask=True)
-  step = checkpointing.latest_step(paths.seg_ckpt(workdir))
-  if step is None:
+  record = protocol_record(config, workdir)
+  if record is None:
     raise FileNotFoundError(
         f"no DeepLab checkpoint in {paths.seg_ckpt(workdir)}: run the train_seg stage first "
         "(--config.stages=train_seg,eval_seg)"
     )
-  proto = protocol(config, step)
-  made = any(os.path.isdir(d) and os.listdir(d) for d in (paths.seg_pred(workdir), paths.seg_pred_crf(workdir)))
-  provenance.check_or_record(
-      paths.seg_protocol(workdir),
-      proto,
-      made,
-      f"the predictions in {paths.seg_pred(workdir)}",
-      f"delete {paths.seg_pred(workdir)}, {paths.seg_pred_crf(workdir)} and {paths.seg_protocol(workdir)} to predict again",
-  )
+  provenance.check_or_record(*record)
+  proto = record[1]
+  step = proto["checkpoint_step"]
   out_dirs = [paths.seg_pred(workdir)] + ([paths.seg_pred_crf(workdir)] if ev.crf else [])
   for d in out_dirs:
     os.makedirs(d, exist_ok=True)

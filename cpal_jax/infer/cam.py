@@ -271,6 +271,24 @@ def load_maps(path: str) -> dict:
     raise ValueError(f"CAM file {path} is unreadable ({e}); delete it and re-run the make_cam stage") from e
 
 
+def protocol_record(config, workdir: str) -> tuple | None:
+  """provenance.check's arguments for the maps of this workdir and this config's network and read;
+  None when there is no network to read yet."""
+  weights = config.cam.get("weights", "")
+  if weights and not os.path.isfile(weights):
+    raise FileNotFoundError(f"cam.weights={weights}: no such file (a network converted by cpal_jax.convert_weights)")
+  step = None if weights else checkpointing.latest_step(paths.cam_ckpt(workdir))
+  if step is None and not weights:
+    return None
+  maps = paths.cam_maps(workdir)
+  made = os.path.isdir(maps) and any(f.endswith(".npz") for f in os.listdir(maps))
+  fix = (
+      f"delete {maps} and {paths.cam_protocol(workdir)} to make them again (and the refine/ and masks/ made "
+      "from them), or give this read its own --workdir"
+  )
+  return paths.cam_protocol(workdir), protocol(config, step), made, f"the CAM files in {maps}", fix
+
+
 def run(config, workdir: str) -> dict:
   """Writes workdir/cam/maps/<id>.npz for every image of config.cam.split (default
   data.train_split) not written yet; returns summary updates."""
@@ -282,20 +300,9 @@ def run(config, workdir: str) -> dict:
   ids = source.ids()
   mine = list(range(jax.process_index(), len(source), jax.process_count()))
   os.makedirs(paths.cam_maps(workdir), exist_ok=True)
-  weights = config.cam.get("weights", "")
-  if weights and not os.path.isfile(weights):
-    raise FileNotFoundError(f"cam.weights={weights}: no such file (a network converted by cpal_jax.convert_weights)")
-  step = None if weights else checkpointing.latest_step(paths.cam_ckpt(workdir))
-  if step is not None or weights:  # without either, load_params below names the missing stage
-    made = any(f.endswith(".npz") for f in os.listdir(paths.cam_maps(workdir)))
-    provenance.check_or_record(
-        paths.cam_protocol(workdir),
-        protocol(config, step),
-        made,
-        f"the CAM files in {paths.cam_maps(workdir)}",
-        f"delete {paths.cam_maps(workdir)} and {paths.cam_protocol(workdir)} to make them again (and the refine/ and "
-        "masks/ made from them), or give this read its own --config.workdir",
-    )
+  record = protocol_record(config, workdir)
+  if record is not None:  # without a network, network.load below names the missing stage
+    provenance.check_or_record(*record)
   todo = [i for i in mine if not os.path.exists(paths.cam_map(workdir, ids[i]))]
   summary = {"make_cam": {"split": split, "images": len(source), "scales": list(config.cam.scales)}}
   if not todo:

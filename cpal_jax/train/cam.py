@@ -93,6 +93,11 @@ def fingerprint(config, num_steps: int) -> dict:
   return trainer.fingerprint(config, keys, extra)
 
 
+def check_resume(config, workdir: str, num_train: int) -> None:
+  num_steps = pipeline.make_schedule(config.train, num_train).num_steps
+  trainer.check_resume(paths.cam_ckpt(workdir), fingerprint(config, num_steps))
+
+
 def build(config, mesh, num_train: int) -> trainer.Setup:
   objectives.check(config)
   loop.check_nonfinite_policy(config.train.nonfinite, "train.nonfinite")

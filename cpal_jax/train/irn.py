@@ -179,6 +179,10 @@ def fingerprint(config, num_steps: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ train
+def check_resume(config, workdir: str, num_images: int) -> None:
+  trainer.check_resume(paths.irn_ckpt(workdir), fingerprint(config, make_schedule(config, num_images).num_steps))
+
+
 def train(config, workdir: str, images=None) -> dict:
   """Trains (or resumes) the boundary network on `images` (the source of data.train_split when
   None) with their IR labels; returns the stage's summary entries."""

@@ -341,6 +341,10 @@ def fingerprint(config, num_steps: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ train
+def check_resume(config, workdir: str, num_images: int) -> None:
+  trainer.check_resume(paths.seg_ckpt(workdir), fingerprint(config, make_schedule(config, num_images).num_steps))
+
+
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) DeepLab-v2 on {workdir}/masks; returns the stage's summary entries."""
   s = config.seg

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from cpal_jax import checkpointing
 from cpal_jax.data import pipeline
 from cpal_jax.models import pretrained
 from cpal_jax.parallel import sharding
@@ -121,6 +122,19 @@ def fingerprint(config, keys, extra: dict | None = None) -> dict:
     fp[key] = node
   fp.update(extra or {})
   return json.loads(json.dumps(fp))
+
+
+def check_resume(ckpt_dir: str, meta: dict) -> None:
+  """Refuses, before anything runs, a config other than the one the checkpoint in ckpt_dir was made
+  with (the keys of `meta`, the stage's fingerprint); nothing when there is no checkpoint."""
+  step = checkpointing.latest_step(ckpt_dir)
+  if step is None:
+    return
+  ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
+  try:
+    checkpointing.check_compatible(ckpt.restore_meta(step), meta, ckpt.directory)
+  finally:
+    ckpt.close()
 
 
 def loop_spec(

@@ -1,0 +1,53 @@
+"""The workdir's record: config.json and runs.jsonl change only when a run is accepted; a refused
+resume leaves them byte-identical and fails before any stage runs."""
+
+import json
+import os
+
+import pytest
+
+from cpal_jax import paths
+from cpal_jax import stages as cli
+from test_train import tiny_config
+
+
+def test_refused_resume_keeps_the_record(tmp_path):
+  workdir = str(tmp_path)
+  config = tiny_config(**{"train.num_steps": 2, "stages": "train_cam"})
+  cli.run(config, workdir)
+  with open(paths.runs_jsonl(workdir)) as f:
+    first = [json.loads(line) for line in f]
+  assert len(first) == 1 and first[0]["status"] == "ok" and first[0]["stages"] == ["train_cam"]
+  assert len(first[0]["config_hash"]) == 16
+  record = {p: open(p, "rb").read() for p in (paths.config_json(workdir), paths.runs_jsonl(workdir))}
+  summary = open(paths.summary_json(workdir), "rb").read()
+
+  for change in ({"train.batch_size": 4}, {"method.name": "cpal"}):
+    with pytest.raises(ValueError, match=f"{next(iter(change))}: checkpoint"):
+      cli.run(tiny_config(**{"train.num_steps": 2, "stages": "train_cam", **change}), workdir)
+    assert {p: open(p, "rb").read() for p in record} == record
+    assert open(paths.summary_json(workdir), "rb").read() == summary
+
+  # make_cam alone on a workdir whose maps were read another way is refused up front too.
+  cli.run(tiny_config(**{"train.num_steps": 2, "stages": "make_cam"}), workdir)
+  record = {p: open(p, "rb").read() for p in record}
+  with pytest.raises(ValueError, match="cam.scales|scales"):
+    cli.run(tiny_config(**{"train.num_steps": 2, "stages": "make_cam", "cam.scales": (1.0,)}), workdir)
+  assert {p: open(p, "rb").read() for p in record} == record
+  with open(paths.runs_jsonl(workdir)) as f:
+    assert [json.loads(line)["status"] for line in f] == ["ok", "ok"]
+
+
+def test_a_failed_run_is_recorded_with_its_status(tmp_path, monkeypatch):
+  from cpal_jax.infer import cam as make_cam
+
+  def boom(config, workdir):
+    raise RuntimeError("disk on fire")
+
+  monkeypatch.setattr(make_cam, "run", boom)
+  with pytest.raises(RuntimeError):
+    cli.run(tiny_config(**{"train.num_steps": 2, "stages": "make_cam"}), str(tmp_path))
+  with open(paths.runs_jsonl(str(tmp_path))) as f:
+    (entry,) = [json.loads(line) for line in f]
+  assert entry["status"] == "error: RuntimeError" and entry["ended"] >= entry["started"]
+  assert os.path.exists(paths.config_json(str(tmp_path)))
