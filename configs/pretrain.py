@@ -10,7 +10,9 @@ import os
 
 import ml_collections
 
-_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cpal_jax", "assets")
+import cpal_jax
+
+_ASSETS = os.path.join(os.path.dirname(os.path.abspath(cpal_jax.__file__)), "assets")
 
 
 def get_config():

@@ -9,21 +9,24 @@ Everything is overridable, e.g. `--config.train.epochs=20`.
 
   python -m cpal_jax.main --config=configs/synthetic.py            # the pretrained recipe
   python -m cpal_jax.main --config=configs/synthetic.py:scratch    # every network from scratch
+  python -m cpal_jax.main --config=configs/synthetic.py:smoke      # every stage, tiny, in about a minute
 """
 
 import os
 
+import cpal_jax
 from cpal_jax import defaults
 
-# The committed pretrained backbone (weights + its JSON record: config hash, accuracy, time).
-PRETRAINED = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cpal_jax", "assets", "procnet_resnet_tiny.npz"
-)
+# The committed pretrained backbone (weights + its JSON record: config hash, accuracy, time), found
+# beside the package in a checkout and in an installed copy alike.
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(cpal_jax.__file__)), "assets", "procnet_resnet_tiny.npz")
 
 
 def get_config(variant: str = ""):
-  if variant not in ("", "scratch"):
-    raise ValueError(f"configs/synthetic.py:{variant}: no such variant; use configs/synthetic.py or :scratch")
+  if variant not in ("", "scratch", "smoke"):
+    raise ValueError(
+        f"configs/synthetic.py:{variant}: no such variant; use configs/synthetic.py, :scratch or :smoke"
+    )
   c = defaults.base()
   c.workdir = "runs/synthetic"
   c.data.name = "synthetic"
@@ -114,4 +117,19 @@ def get_config(variant: str = ""):
     c.seg.clip_norm = 1.0
     c.seg.head_lr_mult = 1.0
     c.seg.head_bias_lr_mult = 2.0
+  if variant == "smoke":
+    # Every stage on a handful of images and steps: a first run that shows the whole pipeline and
+    # its outputs in about a minute on 2 cores (the figures mean nothing).
+    c.workdir = "runs/synthetic_smoke"
+    c.data.num_train = 32
+    c.data.num_eval = 16
+    c.train.num_steps = 12
+    c.train.log_every = 4
+    c.cam.scales = (1.0, 0.5)
+    c.refine.irn.num_steps = 4
+    c.refine.irn.log_every = 2
+    c.seg.num_steps = 8
+    c.seg.log_every = 4
+    c.seg.eval.scales = (1.0,)
+    c.report.num_images = 2
   return c

@@ -178,7 +178,7 @@ def cli() -> None:
       command_line = " ".join(["python -m cpal_jax.ablation", *sys.argv[1:]])
       run_table(config_flag.value, table.value, seeds, workdir.value, rows, command_line)
 
-  app.run(main)
+  app.run(main, argv=command.resolve_config_argv(sys.argv))
 
 
 if __name__ == "__main__":

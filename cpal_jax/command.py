@@ -9,7 +9,10 @@ import sys
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# configs/ of a source checkout (and of an editable install), then the copy an installed package
+# ships as cpal_jax/configs.
+CONFIG_DIRS = (os.path.join(os.path.dirname(_PACKAGE), "configs"), os.path.join(_PACKAGE, "configs"))
 
 
 def setup_logging() -> None:
@@ -24,11 +27,36 @@ def setup_logging() -> None:
   pkg.propagate = False
 
 
-def define_config_flag(help_text: str, config_file: str = "synthetic.py"):
-  """--config (flags exist only when a module runs as a program, so library imports stay clean)."""
-  return config_flags.DEFINE_config_file(
-      "config", os.path.join(_REPO, "configs", config_file), help_text, lock_config=True
-  )
+def config_file(value: str) -> str:
+  """The file a --config value names, `:variant` kept: a path as given when it exists (relative to
+  the current folder), else a config shipped with the package by its name (`voc`, `voc.py`,
+  `configs/voc.py` from any folder)."""
+  path, sep, variant = value.partition(":")
+  if os.path.exists(path):
+    return value
+  name = os.path.basename(path)
+  name = name if name.endswith(".py") else f"{name}.py"
+  for d in CONFIG_DIRS:
+    if os.path.isfile(os.path.join(d, name)):
+      return os.path.join(d, name) + sep + variant
+  return value  # ml_collections reports the missing file
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+  """argv with --config=<value> resolved by config_file (the other flags as they are)."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      out[i] = "--config=" + config_file(arg[len("--config=") :])
+    elif arg == "--config" and i + 1 < len(out):
+      out[i + 1] = config_file(out[i + 1])
+  return out
+
+
+def define_config_flag(help_text: str, default: str = "synthetic.py"):
+  """--config (flags exist only when a module runs as a program, so library imports stay clean).
+  Programs pass resolve_config_argv(sys.argv) to app.run so packaged names work too."""
+  return config_flags.DEFINE_config_file("config", config_file(default), help_text, lock_config=True)
 
 
 # What a user can fix (a config value, a missing or bad file, a refused resume): the packages raise

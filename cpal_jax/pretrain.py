@@ -6,6 +6,8 @@
 A killed run resumes from its workdir's checkpoint.
 """
 
+import sys
+
 from absl import app, flags
 
 from cpal_jax import command, stages
@@ -27,7 +29,7 @@ def cli() -> None:
     print(f"val accuracy {record['val_accuracy']:.4f} (chance {record['chance']:.4f}) in {record['seconds']:.0f} s; "
           f"weights: {config.out}")
 
-  app.run(main)
+  app.run(main, argv=command.resolve_config_argv(sys.argv))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -273,7 +274,7 @@ def pack(
 def cli() -> None:
   from absl import app, flags  # pylint: disable=g-import-not-at-top
 
-  from cpal_jax.command import define_config_flag, setup_logging  # pylint: disable=g-import-not-at-top
+  from cpal_jax.command import define_config_flag, resolve_config_argv, setup_logging  # pylint: disable=g-import-not-at-top
 
   config_flag = define_config_flag(
       "Pipeline config file (get_config()); data.name voc or coco, data.root set."
@@ -317,7 +318,7 @@ def cli() -> None:
         + (f" --config.data.tfds_name={stats['name']}" if stats["name"] != f"cpal_{config.data.name}" else "")
     )
 
-  app.run(main)
+  app.run(main, argv=resolve_config_argv(sys.argv))
 
 
 if __name__ == "__main__":

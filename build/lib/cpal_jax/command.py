@@ -1,0 +1,81 @@
+"""What every command-line program of the package shares: the --config flag and logging. Flags exist
+only when a module runs as a program, so importing the library defines none."""
+
+import contextlib
+import logging
+import os
+import sys
+
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# configs/ of a source checkout (and of an editable install), then the copy an installed package
+# ships as cpal_jax/configs.
+CONFIG_DIRS = (os.path.join(os.path.dirname(_PACKAGE), "configs"), os.path.join(_PACKAGE, "configs"))
+
+
+def setup_logging() -> None:
+  # Our progress lines at INFO; the libraries' (orbax, absl, jax) only when something is wrong.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  pkg = logging.getLogger("cpal_jax")
+  if not pkg.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    pkg.addHandler(handler)
+  pkg.setLevel(logging.INFO)
+  pkg.propagate = False
+
+
+def config_file(value: str) -> str:
+  """The file a --config value names, `:variant` kept: a path as given when it exists (relative to
+  the current folder), else a config shipped with the package by its name (`voc`, `voc.py`,
+  `configs/voc.py` from any folder)."""
+  path, sep, variant = value.partition(":")
+  if os.path.exists(path):
+    return value
+  name = os.path.basename(path)
+  name = name if name.endswith(".py") else f"{name}.py"
+  for d in CONFIG_DIRS:
+    if os.path.isfile(os.path.join(d, name)):
+      return os.path.join(d, name) + sep + variant
+  return value  # ml_collections reports the missing file
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+  """argv with --config=<value> resolved by config_file (the other flags as they are)."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      out[i] = "--config=" + config_file(arg[len("--config=") :])
+    elif arg == "--config" and i + 1 < len(out):
+      out[i + 1] = config_file(out[i + 1])
+  return out
+
+
+def define_config_flag(help_text: str, default: str = "synthetic.py"):
+  """--config (flags exist only when a module runs as a program, so library imports stay clean).
+  Programs pass resolve_config_argv(sys.argv) to app.run so packaged names work too."""
+  return config_flags.DEFINE_config_file("config", config_file(default), help_text, lock_config=True)
+
+
+# What a user can fix (a config value, a missing or bad file, a refused resume): the packages raise
+# these with a message that names the key or file and the fix. Anything else is a bug and keeps its
+# traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+USER_ERROR_EXIT_CODE = 2
+DEBUG_ENV = "CPAL_JAX_DEBUG"
+
+
+@contextlib.contextmanager
+def user_errors_in_one_line(debug: bool = False):
+  """A user error ends the program with `error: <message>` on one line and exit status 2; with
+  debug (--config.debug=True, or CPAL_JAX_DEBUG=1) it raises as is, traceback included."""
+  try:
+    yield
+  except USER_ERRORS as e:
+    if debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+      raise
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"error: {message}  (CPAL_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT_CODE)
