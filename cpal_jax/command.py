@@ -76,6 +76,9 @@ def user_errors_in_one_line(debug: bool = False):
   except USER_ERRORS as e:
     if debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
       raise
-    message = " ".join(str(e).split()) or type(e).__name__
-    print(f"error: {message}  (CPAL_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
+    # One line per problem (preflight reports several), whatever the message's own wrapping.
+    lines = getattr(e, "problems", None) or [" ".join(str(e).split()) or type(e).__name__]
+    for line in lines:
+      print(f"error: {line}", file=sys.stderr)
+    print(f"({len(lines)} problem(s); CPAL_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT_CODE)

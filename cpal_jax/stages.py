@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from cpal_jax import paths, provenance
+from cpal_jax import paths, preflight, provenance
 
 STAGES = ("train_cam", "make_cam", "eval_cam", "refine", "export", "train_seg", "eval_seg")
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def run(config, workdir: str) -> dict:
 
   stages = parse_stages(config.stages)
   distributed.initialize(config)
+  preflight.check(config, stages, workdir)
   check_workdir(workdir)
   check_resume(config, workdir, stages)
   # Accepted: only now does this config become the workdir's record.

@@ -39,14 +39,14 @@ def test_refused_resume_keeps_the_record(tmp_path):
 
 
 def test_a_failed_run_is_recorded_with_its_status(tmp_path, monkeypatch):
-  from cpal_jax.infer import cam as make_cam
+  from cpal_jax.train import cam as cam_stage
 
   def boom(config, workdir):
     raise RuntimeError("disk on fire")
 
-  monkeypatch.setattr(make_cam, "run", boom)
+  monkeypatch.setattr(cam_stage, "train", boom)
   with pytest.raises(RuntimeError):
-    cli.run(tiny_config(**{"train.num_steps": 2, "stages": "make_cam"}), str(tmp_path))
+    cli.run(tiny_config(**{"train.num_steps": 2, "stages": "train_cam"}), str(tmp_path))
   with open(paths.runs_jsonl(str(tmp_path))) as f:
     (entry,) = [json.loads(line) for line in f]
   assert entry["status"] == "error: RuntimeError" and entry["ended"] >= entry["started"]

@@ -1,0 +1,122 @@
+"""Preflight: each bad value, file or stage order found before anything runs, one line naming the
+key or file and the fix; all of them together through the command line, exit 2, nothing written."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import synthetic as synthetic_config
+import voc as voc_config
+from cpal_jax import preflight
+
+REPO = Path(__file__).resolve().parents[1]
+ALL = ["train_cam", "make_cam", "eval_cam", "refine", "export", "train_seg", "eval_seg"]
+
+
+def with_(config, **overrides):
+  c = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    with c.unlocked():
+      node[last] = value
+  return c
+
+
+CASES = [
+    ({"train.batch_size": 0}, "train.batch_size=0: must be positive"),
+    ({"train.batch_size": -4}, "train.batch_size=-4: must be positive"),
+    ({"train.num_steps": -5}, "train.num_steps=-5: must be 0 or more"),
+    ({"train.num_steps": 0, "train.epochs": 0}, "train.num_steps and train.epochs are both 0"),
+    ({"model.strides": (2, 2, 1)}, "model.strides=(2, 2, 1): 4 strides"),
+    ({"refine.irn.strides": (1, 2, 2, 1)}, "refine.irn.strides=(1, 2, 2, 1): 4 strides of 1 or 2"),
+    ({"model.dilations": (1, 1, 0, 1)}, "model.dilations=(1, 1, 0, 1): 4 positive ints"),
+    ({"cam.scales": ()}, "cam.scales=(): one or more positive numbers"),
+    ({"seg.eval.scales": (1.0, -0.5)}, "seg.eval.scales=(1.0, -0.5)"),
+    ({"refine.mode": "dcrf"}, "refine.mode='dcrf': choose one of irn, ir_label, crf"),
+    ({"method.name": "seam"}, "method.name='seam': choose one of"),
+    ({"method.cpal.positiveness_metric": "l3"}, "method.cpal.positiveness_metric='l3'"),
+    ({"data.name": "ade20k"}, "data.name='ade20k': choose one of synthetic, voc, coco"),
+    ({"data.world": "mars"}, "data.world='mars'"),
+    ({"model.backbone": "resnet18"}, "model.backbone='resnet18'"),
+    ({"cam.flip_fusion": "both"}, "cam.flip_fusion='both'"),
+    ({"export.source": "crf"}, "export.source='crf'"),
+    ({"seg.layout": "timm"}, "seg.layout='timm'"),
+    ({"train.nonfinite": "ignore"}, "train.nonfinite='ignore'"),
+    ({"refine.irn.crop_size": 98}, "refine.irn.crop_size=98: a multiple of 4"),
+    ({"refine.walk.radius": 0}, "refine.walk.radius=0: must be positive"),
+    ({"model.pretrained": "/no/such/weights.npz"}, "model.pretrained=/no/such/weights.npz: no such file"),
+    ({"cam.weights": "/no/net.npz"}, "cam.weights=/no/net.npz: no such file"),
+    ({"data.tfds_dir": "/no/tfds"}, "data.tfds_dir=/no/tfds: no such folder"),
+    ({"mesh.data": 64}, "mesh.data=64: only"),
+]
+
+
+@pytest.mark.parametrize("overrides,line", CASES, ids=[next(iter(o)) for o, _ in CASES])
+def test_each_problem_names_its_key(overrides, line, tmp_path):
+  found = preflight.problems(with_(synthetic_config.get_config(), **overrides), ALL, str(tmp_path))
+  assert any(line in p for p in found), found
+  assert all("\n" not in p for p in found)
+
+
+def test_the_default_configs_pass(tmp_path):
+  assert preflight.problems(synthetic_config.get_config(), ALL, str(tmp_path)) == []
+  root = tmp_path / "VOC2012"
+  root.mkdir()
+  voc = with_(voc_config.get_config(), **{"mesh.data": 1})  # DeepLab's batch 10 on one device
+  assert preflight.problems(with_(voc, **{"data.root": str(root)}), ALL, str(tmp_path)) == []
+  assert preflight.problems(voc, ALL, str(tmp_path)) == [
+      "data.root is empty: set --config.data.root to the VOC folder"
+  ]
+
+
+def test_stage_order_against_the_workdir(tmp_path):
+  c = synthetic_config.get_config()
+  found = preflight.problems(c, ["eval_cam", "refine", "train_seg", "eval_seg"], str(tmp_path))
+  # eval_seg reads train_seg's checkpoint, which this run makes first.
+  assert [p.split(":")[1].split()[0] for p in found] == ["eval_cam", "refine", "train_seg"]
+  assert "add make_cam before it" in found[0]
+  # What an earlier requested stage writes counts, and so does what the workdir holds.
+  assert preflight.problems(c, ["make_cam", "eval_cam"], str(tmp_path)) == [
+      f"config.stages: make_cam reads what train_cam writes, and {tmp_path} has none of it; "
+      "add train_cam before it (or run it first)"
+  ]
+  (tmp_path / "cam" / "ckpt" / "1200").mkdir(parents=True)
+  assert preflight.problems(c, ["make_cam", "eval_cam"], str(tmp_path)) == []
+
+
+def test_batches_must_split_over_the_devices(tmp_path):
+  c = with_(synthetic_config.get_config(), **{"mesh.data": 8, "train.batch_size": 12, "seg.batch_size": 20})
+  found = preflight.problems(c, ALL, str(tmp_path))
+  assert "train.batch_size=12: must be divisible by the 8 devices of the data axis (mesh.data)" in found
+  assert any(p.startswith("seg.batch_size=20") for p in found)
+  assert not any(p.startswith("seg.batch_size") for p in preflight.problems(c, ["train_cam"], str(tmp_path)))
+
+
+def test_command_line_reports_all_problems_in_seconds_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text("{}\n")
+  (workdir / "runs.jsonl").write_text('{"status": "ok"}\n')
+  before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+  t0 = time.time()
+  r = subprocess.run(
+      [
+          sys.executable, "-m", "cpal_jax.main", f"--workdir={workdir}",
+          "--config.train.batch_size=0", "--config.refine.mode=dcrf", "--config.cam.scales=()",
+          "--config.model.strides=(2,2,1)", "--config.seg.pretrained=/no/w.npz",
+      ],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120,
+  )
+  assert r.returncode == 2 and time.time() - t0 < 30
+  assert "Traceback" not in r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  for key in ("train.batch_size", "refine.mode", "cam.scales", "model.strides", "seg.pretrained"):
+    assert sum(key in e for e in errors) == 1, (key, errors)
+  assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before
