@@ -12,15 +12,16 @@ from cpal_jax.models import deeplab
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # seeds the data order, augmentation, init and k-means
   c.workdir = ""  # empty: runs/<config name>; the --workdir flag overrides
+  # Stages to run, in order (a suffix re-runs just those).
   c.stages = "train_cam,make_cam,eval_cam,refine,export,train_seg,eval_seg"
   c.debug = False  # True: a user error (bad value, missing file, refused resume) shows its traceback
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"  # synthetic | voc | coco
-  c.data.root = ""
-  c.data.train_split = "train"
+  c.data.root = ""  # dataset folder (VOCdevkit/VOC2012, or COCO's with train2014/ and annotations/)
+  c.data.train_split = "train"  # images with image-level labels that train the CAM net and get pseudo masks
   c.data.eval_split = "train_eval"  # where seeds and masks are scored
   c.data.val_split = "val"  # segmentation validation
   c.data.num_classes = 21  # background included
@@ -71,28 +72,29 @@ def base() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global, over all devices and processes
-  c.train.epochs = 5
+  c.train.epochs = 5  # epochs when num_steps is 0
   c.train.num_steps = 0  # 0: epochs * (train images // batch_size)
   c.train.stop_at_step = 0  # >0: checkpoint and stop there (the schedule still spans num_steps)
-  c.train.crop_size = 512
+  c.train.crop_size = 512  # training crop
+  # Random resize of the long side into this range before the crop (empty: none).
   c.train.resize_long = (320, 640)
   c.train.lr = 0.1  # backbone
   c.train.head_lr_mult = 10.0  # classifier and side heads
-  c.train.poly_power = 0.9
-  c.train.weight_decay = 1e-4
+  c.train.poly_power = 0.9  # poly decay exponent
+  c.train.weight_decay = 1e-4  # weight decay on the parameters that train
   # IRN/SIPE's PolyOptimizerSGD passes weight_decay where torch.optim.SGD expects momentum, so the
   # baselines trained with momentum 1e-4. 0.9 is what the papers say.
   c.train.momentum = 1e-4
   c.train.clip_norm = 1.0  # global grad-norm clip before weight decay; 0 disables
-  c.train.log_every = 50
-  c.train.ckpt_every = 500
-  c.train.ckpt_keep = 2
+  c.train.log_every = 50  # steps per logged metric window
+  c.train.ckpt_every = 500  # steps between checkpoints
+  c.train.ckpt_keep = 2  # checkpoints kept
   # A non-finite loss or gradient: stop (the last checkpoint holds the last good state) | skip the
   # step (state unchanged, counted in the summary's skipped_steps).
   c.train.nonfinite = "stop"
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 16
+  c.eval.batch_size = 16  # images per device call when scoring
   c.eval.pad_multiple = 64  # eval images are padded up to a multiple of this to bound recompiles
   c.eval.threshold_max = 0.59  # background sweep t in 0.00..threshold_max for maps without bg
   c.eval.cam_threshold = 0.15  # IRN's fixed cam_eval_thres, reported beside the sweep
@@ -101,7 +103,7 @@ def base() -> ml_collections.ConfigDict:
   # the split that gets pseudo masks (seeds and masks are scored on data.eval_split, a subset).
   c.cam = ml_collections.ConfigDict()
   c.cam.split = ""  # empty: data.train_split
-  c.cam.scales = (1.0, 0.5, 1.5, 2.0)
+  c.cam.scales = (1.0, 0.5, 1.5, 2.0)  # input scales of the multi-scale read (each with its flip), summed
   c.cam.batch_size = 8  # images per step (each runs with its flip)
   # How an image and its flip combine: "features" = their network outputs (CAM, features) fused
   # before one map is read from them, as SIPE's inference (network/resnet50_SIPE.py, class CAM:
@@ -128,29 +130,29 @@ def base() -> ml_collections.ConfigDict:
   c.refine.mode = "irn"
   c.refine.workers = 0  # CRF processes; 0 = all cores
   c.refine.crf = ml_collections.ConfigDict()  # PSA's probability CRF (the "w/ CRF" column)
-  c.refine.crf.iters = 10
-  c.refine.crf.gauss_sxy = 3
-  c.refine.crf.gauss_compat = 3
-  c.refine.crf.bi_sxy = 80
-  c.refine.crf.bi_srgb = 13
-  c.refine.crf.bi_compat = 10
+  c.refine.crf.iters = 10  # mean-field iterations
+  c.refine.crf.gauss_sxy = 3  # Gaussian kernel position std (pixels)
+  c.refine.crf.gauss_compat = 3  # Gaussian (smoothness) kernel weight
+  c.refine.crf.bi_sxy = 80  # bilateral kernel position std (pixels)
+  c.refine.crf.bi_srgb = 13  # bilateral kernel colour std
+  c.refine.crf.bi_compat = 10  # bilateral (appearance) kernel weight
   c.refine.ir_label = ml_collections.ConfigDict()  # cam_to_ir_label's label CRF
   c.refine.ir_label.fg_threshold = 0.30  # IRN variant (maps without background)
-  c.refine.ir_label.bg_threshold = 0.05
+  c.refine.ir_label.bg_threshold = 0.05  # IRN variant: background where every class is below this
   c.refine.ir_label.bg_scale = 0.5  # SIPE variant: background channel scaled for bg_conf
-  c.refine.ir_label.gt_prob = 0.7
-  c.refine.ir_label.bi_sxy = 50
-  c.refine.ir_label.bi_srgb = 5
-  c.refine.ir_label.iters = 10
+  c.refine.ir_label.gt_prob = 0.7  # confidence of the label CRF's unary (pydensecrf unary_from_labels)
+  c.refine.ir_label.bi_sxy = 50  # bilateral kernel position std (pixels)
+  c.refine.ir_label.bi_srgb = 5  # bilateral kernel colour std
+  c.refine.ir_label.iters = 10  # mean-field iterations
   c.refine.irn = ml_collections.ConfigDict()  # boundary network (docs/method.md 1.5 D3)
-  c.refine.irn.backbone = "resnet50"
+  c.refine.irn.backbone = "resnet50"  # ResNet of the boundary net (frozen)
   c.refine.irn.pretrained = ""  # converted ImageNet weights for its frozen backbone
-  c.refine.irn.crop_size = 512
-  c.refine.irn.rescale = (0.5, 1.5)
-  c.refine.irn.batch_size = 32
-  c.refine.irn.epochs = 3
-  c.refine.irn.lr = 0.1
-  c.refine.irn.weight_decay = 1e-4
+  c.refine.irn.crop_size = 512  # training crop (a multiple of 4)
+  c.refine.irn.rescale = (0.5, 1.5)  # random rescale range of the training images
+  c.refine.irn.batch_size = 32  # global batch of the boundary net
+  c.refine.irn.epochs = 3  # boundary-net epochs when num_steps is 0
+  c.refine.irn.lr = 0.1  # learning rate of the edge heads (poly 0.9)
+  c.refine.irn.weight_decay = 1e-4  # weight decay of the edge heads
   c.refine.irn.momentum = 1e-4  # the same optimiser quirk as the CAM network
   c.refine.irn.radius = 10  # training pairs on the stride-4 grid
   # IRN's training PathIndex drops sources within radius-1 of the left, right and bottom borders;
@@ -159,16 +161,16 @@ def base() -> ml_collections.ConfigDict:
   c.refine.irn.strides = (2, 2, 2, 1)  # backbone conv1, layer2, layer3, layer4 (IRN: output stride 16)
   c.refine.irn.num_steps = 0  # 0: epochs * (train images // batch_size)
   c.refine.irn.stop_at_step = 0  # >0: checkpoint and stop there (the schedule still spans num_steps)
-  c.refine.irn.log_every = 50
-  c.refine.irn.ckpt_every = 500
+  c.refine.irn.log_every = 50  # steps per logged metric window
+  c.refine.irn.ckpt_every = 500  # steps between checkpoints
   c.refine.irn.nonfinite = "stop"  # stop (keep the last good checkpoint) | skip (count and skip)
   # Edge-map inference pads each image to a multiple of this: IRN pads every VOC image to 512x512
   # (its crop); a smaller multiple saves compute but changes the values near the padding a little.
   c.refine.irn.pad_multiple = 512
   c.refine.walk = ml_collections.ConfigDict()  # random walk (docs/method.md 1.5 D4)
-  c.refine.walk.radius = 5
-  c.refine.walk.beta = 10
-  c.refine.walk.exp_times = 8
+  c.refine.walk.radius = 5  # affinity radius on the stride-4 grid
+  c.refine.walk.beta = 10  # affinity sharpening exponent (IRN's beta)
+  c.refine.walk.exp_times = 8  # log2 of the number of random-walk steps
   c.refine.walk.bg_threshold = 0.25  # sem_seg_bg_thres for maps without background
   c.refine.walk.bg_power = 1.5  # SIPE: cam ** 1.5 on the map's own background channel
   c.refine.walk.pad_multiple = 16  # stride-4 maps padded per bucket (edge 1 there: exact)
@@ -182,8 +184,8 @@ def base() -> ml_collections.ConfigDict:
 
   # The visual report at the end of a run (workdir/report/*.png, linked from summary.md).
   c.report = ml_collections.ConfigDict()
-  c.report.enabled = True
-  c.report.num_images = 6
+  c.report.enabled = True  # write the report figures at the end of a run
+  c.report.num_images = 6  # images shown in the report grids
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # devices on the data axis; -1 = all
@@ -210,32 +212,32 @@ def seg() -> ml_collections.ConfigDict:
   c.init_from_cam = False
   c.batch_norm = "frozen"  # frozen (the reference) | train (batch statistics, for random init)
   c.compute_dtype = "float32"  # float32 | bfloat16 (backbone convolutions; ASPP and the loss float32)
-  c.atrous_rates = (6, 12, 18, 24)
+  c.atrous_rates = (6, 12, 18, 24)  # ASPP dilation rates
   # layer1..layer4 dilations at output stride 8: DeepLab dilates layer3/4 by 2/4 because its
   # ImageNet weights were trained with those layers strided. A backbone trained at stride 8 without
   # dilation (the CAM net with model.strides=(2, 2, 1, 1)) keeps its features only with 1s here.
   c.dilations = deeplab.DILATIONS
-  c.crop_size = 321
+  c.crop_size = 321  # training crop
   c.rescale = (0.5, 0.75, 1.0, 1.25, 1.5)  # random scale per image, one of these
-  c.flip = True
+  c.flip = True  # random horizontal flip in training
   c.batch_size = 10  # global; the reference's 5 x iter_size 2
   c.num_steps = 20000  # 0: epochs * (images // batch_size)
-  c.epochs = 0
+  c.epochs = 0  # epochs when num_steps is 0
   c.stop_at_step = 0  # >0: checkpoint and stop there (the schedule still spans num_steps)
   c.lr = 2.5e-4  # backbone; AdvCAM #9 / CLIP-ES #7 use 2e-4 .. 2.5e-4 from ImageNet
   c.head_lr_mult = 10.0  # ASPP weights
   c.head_bias_lr_mult = 20.0  # ASPP biases (no weight decay)
-  c.weight_decay = 5e-4
-  c.momentum = 0.9
-  c.poly_power = 0.9
+  c.weight_decay = 5e-4  # weight decay (not on ASPP biases)
+  c.momentum = 0.9  # SGD momentum
+  c.poly_power = 0.9  # poly decay exponent
   c.clip_norm = 0.0  # >0: clip the global gradient norm first (not in the reference; random init)
   # MSC training: one CE per input scale plus one on their max (the first scale sets the fused size).
   c.msc_scales = (1.0, 0.75, 0.5)
   # DSRG's balanced CE (AdvCAM #9): mean CE over background pixels + mean over foreground pixels.
   c.balanced_ce = False
-  c.log_every = 50
-  c.ckpt_every = 1000
-  c.ckpt_keep = 2
+  c.log_every = 50  # steps per logged metric window
+  c.ckpt_every = 1000  # steps between checkpoints
+  c.ckpt_keep = 2  # checkpoints kept
   c.nonfinite = "stop"  # stop (keep the last good checkpoint) | skip (count and skip the step)
 
   c.eval = ml_collections.ConfigDict()  # eval_seg on data.val_split

@@ -40,13 +40,13 @@ def default_config() -> ml_collections.ConfigDict:
   p.mask_mode = "sipe_seed"  # sipe_seed | thresh | thresh_and_argmax
   p.capacity = 1000  # Eq. 5 bank length per class
   p.num_clusters = 50  # K_c context prototypes per class
-  p.kmeans_iters = 30
+  p.kmeans_iters = 30  # Lloyd iterations at most per clustering (stops earlier when assignments settle)
   p.kmeans_init = "kmeans++"  # kmeans++ | random
   p.kmeans_metric = "euclidean"  # euclidean | cosine
   # Cold start: "epoch" = fill the banks in epoch 1, cluster at the start of every later epoch;
   # "steps" = also re-cluster every recluster_steps while in epoch 1.
   p.cold_start = "epoch"
-  p.recluster_steps = 200
+  p.recluster_steps = 200  # with cold_start=steps: re-cluster every this many steps in epoch 1
   p.min_bank_entries = 1  # a class needs this many bank entries to get context prototypes
   # [I] RCA's push gate (docs/method.md 3.4): instance prototype (b, n) enters class n's bank only if the
   # classifier probability sigmoid(z_{b,n}) > push_min_prob; 0 = off (CPAL names no gate; RCA: 0.7).
@@ -56,14 +56,14 @@ def default_config() -> ml_collections.ConfigDict:
   p.top_k = 20  # 0 = all K_c (plain context prototypes, Table 1 row II)
   p.positiveness = True  # Eq. 7 (False: uniform weights over the neighbours)
   p.positiveness_metric = "dot"  # dot | cos | l1 | l2 (Table 3)
-  p.tau_w = 1.0
-  p.positiveness_grad = False
+  p.tau_w = 1.0  # temperature of the Eq. 7 positiveness softmax
+  p.positiveness_grad = False  # let gradients flow through the Eq. 7 weights
   p.fda = True  # Eqs. 8-12 feature distribution alignment
   # Where Eq. 12's xi_n is added: pixels = every pixel of the image; region = only the pixels of
   # class n's Eq. 4 mask (the instance the shift was computed from); anchor = the instance prototype
   # before top-K and positiveness (Eq. 9 literally); both = pixels and anchor.
   p.fda_target = "pixels"  # pixels | region | anchor | both
-  p.gamma = 1.0
+  p.gamma = 1.0  # Eq. 12 step size of the feature-alignment shift
   # [I] mu_p of Eq. 12 at inference (make_cam): "image" = each view's own instance prototype, so a
   # map does not depend on which images share the inference batch; "batch" = the mean over the
   # inference batch (both flips of every image in it), as in training.
@@ -76,7 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
   # bank row after the C-1 foreground rows: the per-image prototype of the valid pixels outside every
   # Eq. 4 foreground mask is pushed, clustered and used by Eqs. 6-13 like a class; see cpal_maps).
   p.bg_mode = "sipe_bg"
-  p.include_instance_proto = False
+  p.include_instance_proto = False  # add the image's own instance prototype to its top-K neighbours
   p.instance_weight = 0.5  # with include_instance_proto
   p.self_loss = True  # Eq. 14 (False: Table 1 rows II-IV train with L_BCE only)
   p.self_weight = 1.0  # beta of Eq. 1
@@ -87,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   p.snclr_contrast = False
   p.snclr_weight = 1.0  # its weight in the total loss
   p.snclr_temperature = 0.1  # T: cosine logits (tau_w = 1 on cosines in [-1, 1] would be too flat)
-  p.keep_sipe_gsc = False
+  p.keep_sipe_gsc = False  # also train SIPE's L_GSC (Table 1 rows II-IV)
   p.seed_map = "pacam"  # pacam | cam | fused: the map scored as the seed
   p.fused_lambda = 0.7  # fused = CAM + lambda * PACAM (SFC style)
   return p

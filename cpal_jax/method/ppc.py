@@ -41,16 +41,16 @@ def default_config() -> ml_collections.ConfigDict:
   """PPC's hyper-parameters (docs/method.md 4.2-4.6); the pipeline configs hold this under method.ppc."""
   p = ml_collections.ConfigDict()
   p.proj_dim = 128  # fc_proj: 1x1 conv on x4 -> 128, then ReLU
-  p.temperature = 0.1
+  p.temperature = 0.1  # InfoNCE temperature of the pixel-to-prototype contrast
   p.bg_threshold = 0.20  # constant background score of the pseudo labels
   p.top_fraction = 1 / 8  # prototype pixels per class over the batch: (h*w) * this, h, w of view 2
   p.semi_hard_skip = 3  # intra-view negatives: prototype ranks 4..13 by similarity (skip the top 3)
   p.semi_hard_count = 10  # (clipped to the number of classes)
   p.sample_fraction = 0.5  # hard pixel sampling: n//2 random pixels of a class ...
   p.hard_pool_fraction = 0.6  # ... + n//2 of its lowest floor(0.6 n) by similarity (hardest dropped)
-  p.cross_proto_weight = 0.1
-  p.cross_label_weight = 0.1
-  p.intra_weight = 0.1
+  p.cross_proto_weight = 0.1  # weight of PPC's cross-view prototype contrast term
+  p.cross_label_weight = 0.1  # weight of PPC's cross-view label contrast term
+  p.intra_weight = 0.1  # weight of PPC's intra-view contrast term
   p.view2_ratio = 3.5  # view 2 = view 1 resized by 1/ratio (448 -> 128), rounded to the stride
   p.view2_size = 0  # >0: view 2's side in pixels (overrides view2_ratio)
   p.er_weight = 1.0  # equivariance L1 between the two views' foreground CAMs
