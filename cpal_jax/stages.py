@@ -8,7 +8,9 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 from cpal_jax import paths, preflight, provenance
@@ -53,6 +55,9 @@ def run(config, workdir: str) -> dict:
   stages = parse_stages(config.stages)
   distributed.initialize(config)
   preflight.check(config, stages, workdir)
+  if config.get("dry_run", False):
+    print(dry_run(config, workdir, stages))
+    return run_record.read(workdir) if os.path.isdir(workdir) else {}
   check_workdir(workdir)
   check_resume(config, workdir, stages)
   # Accepted: only now does this config become the workdir's record.
@@ -66,12 +71,15 @@ def run(config, workdir: str) -> dict:
   if distributed.is_main():
     paths.write_text(paths.config_json(workdir), config.to_json_best_effort(indent=2) + "\n")
   status = "error"
+  current = ["setup"]
   try:
     summary = run_record.read(workdir)
     for k, stage in enumerate(stages, 1):
       t0 = time.time()
+      current[0] = stage
       log.info("stage %d/%d %s -> %s", k, len(stages), stage, workdir)
-      updates = runners[stage](config, workdir)
+      with signals_stop(lambda: current[0]):
+        updates = runners[stage](config, workdir)
       updates["stage_seconds"] = {stage: round(time.time() - t0, 1)}
       summary = run_record.update(workdir, **updates)
     figures = {}
@@ -85,7 +93,7 @@ def run(config, workdir: str) -> dict:
       print(f"\nsummary: {paths.summary_json(workdir)}")
     status = "ok"
     return summary
-  except loop.Preempted:
+  except (loop.Preempted, Interrupted):
     status = "preempted"
     raise
   except BaseException as e:
@@ -97,6 +105,37 @@ def run(config, workdir: str) -> dict:
       entry["status"] = status
       with open(paths.runs_jsonl(workdir), "a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def dry_run(config, workdir: str, stages: list[str]) -> str:
+  """The resolved config, then per stage what a run would do with this workdir: start, resume from a
+  step, skip finished outputs, or be refused (and why)."""
+  from cpal_jax import checkpointing
+
+  def files(d: str) -> int:
+    return len([f for f in os.listdir(d) if not f.startswith(".")]) if os.path.isdir(d) else 0
+
+  def step(d: str) -> str:
+    s = checkpointing.latest_step(d)
+    return "starts from step 0" if s is None else f"resumes from the checkpoint of step {s} in {d}"
+
+  what = {
+      "train_cam": lambda: step(paths.cam_ckpt(workdir)),
+      "make_cam": lambda: f"{files(paths.cam_maps(workdir))} maps exist in {paths.cam_maps(workdir)} (kept)",
+      "eval_cam": lambda: "scores the maps",
+      "refine": lambda: f"refine.mode={config.refine.mode}; {files(paths.refined(config, workdir))} masks exist",
+      "export": lambda: f"{files(paths.masks(workdir))} masks exist in {paths.masks(workdir)} (kept)",
+      "train_seg": lambda: step(paths.seg_ckpt(workdir)),
+      "eval_seg": lambda: f"{files(paths.seg_pred(workdir))} predictions exist (kept)",
+  }
+  lines = ["config:", config.to_json_best_effort(indent=2), "", f"plan for {workdir}:"]
+  lines += [f"  {k}/{len(stages)} {s}: {what[s]()}" for k, s in enumerate(stages, 1)]
+  try:
+    check_resume(config, workdir, stages)
+    lines.append("accepted: nothing was run or written (--config.dry_run=False runs it)")
+  except ValueError as e:
+    lines.append(f"refused: {e}")
+  return "\n".join(lines)
 
 
 def config_hash(config) -> str:
@@ -146,6 +185,44 @@ def check_workdir(workdir: str) -> None:
     ) from None
 
 
+class Interrupted(Exception):
+  """A stage other than a training loop stopped by SIGTERM/SIGINT; its finished per-image outputs
+  are kept (each is written atomically) and the same command resumes after them."""
+
+  def __init__(self, stage: str, signame: str):
+    super().__init__(
+        f"{stage}: stopped by a termination signal ({signame}); its finished outputs are kept. "
+        "Run the same command again to resume."
+    )
+
+
+@contextlib.contextmanager
+def signals_stop(stage):
+  """SIGTERM and SIGINT raise Interrupted(stage()) for the duration, installed explicitly, so a run
+  started with SIGINT ignored (a background job of a non-interactive shell) still stops on it. The
+  training loops install their own handler on top (save a checkpoint at the next step). Multi-process
+  runs rely on JAX's preemption sync point instead, and nothing is installed off the main thread."""
+  if jax_process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    raise Interrupted(stage(), signal.Signals(signum).name)
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def jax_process_count() -> int:
+  import jax
+
+  return jax.process_count()
+
+
 @contextlib.contextmanager
 def exit_on_preemption():
   """A stage stopped by SIGTERM/SIGINT ends the command with its resume hint and exit code 75
@@ -154,6 +231,6 @@ def exit_on_preemption():
 
   try:
     yield
-  except loop.Preempted as e:
+  except (loop.Preempted, Interrupted) as e:
     log.warning("%s", e)
     sys.exit(loop.PREEMPTED_EXIT_CODE)

@@ -41,9 +41,12 @@ FAULTS = [
     ("train_cam/saving/4", -9),  # killed while checkpoint 4 is written asynchronously
     ("train_cam/step/5:TERM", loop.PREEMPTED_EXIT_CODE),  # preempted: saves 5 and exits
     ("make_cam/image/3", -9),
+    ("make_cam/image/5:INT", loop.PREEMPTED_EXIT_CODE),  # Ctrl-C outside training: outputs kept
     ("train_irn/step/3", -9),
     ("random_walk/image/5", -9),
+    ("random_walk/image/7:TERM", loop.PREEMPTED_EXIT_CODE),
     ("export/image/5", -9),
+    ("export/image/7:TERM", loop.PREEMPTED_EXIT_CODE),
     ("train_seg/step/3:INT", loop.PREEMPTED_EXIT_CODE),  # Ctrl-C: saves 3 and exits
 ]
 
@@ -69,8 +72,11 @@ def run_cli(
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   if fault:
     env["CPAL_JAX_FAULT"] = fault
+  # Started as a background job of a non-interactive shell is: SIGINT ignored, which the child
+  # inherits; the stages install their handlers explicitly, so Ctrl-C-style faults still stop them.
+  argv = [sys.executable, "-m", module, f"--config={config_path}", f"--workdir={workdir}", *args]
   return subprocess.run(
-      [sys.executable, "-m", module, f"--config={config_path}", f"--workdir={workdir}", *args],
+      ["bash", "-c", 'trap "" INT; exec "$@"', "bash", *argv],
       cwd=REPO,
       env=env,
       capture_output=True,
@@ -108,6 +114,8 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(tmp_path):
     assert res.returncode == code, f"{fault}: exit {res.returncode}\n{res.stderr[-3000:]}"
     if code == loop.PREEMPTED_EXIT_CODE:
       assert "stopped by a termination signal" in res.stderr and "Run the same command again" in res.stderr
+      with open(os.path.join(faulty, "runs.jsonl")) as f:
+        assert json.loads(f.readlines()[-1])["status"] == "preempted"
       assert "Traceback" not in res.stderr
   last = run_cli(config_path, faulty)
   assert last.returncode == 0, last.stderr[-3000:]

@@ -212,6 +212,12 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
+def _ignore_sigint() -> None:
+  import signal
+
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def map_images(fn, items, workers: int, *, chunksize: int = 1):
   """Yields fn(item) for each item, in order. workers=0: one process per available core; 1: in
   this process, no pool. fn must be a picklable top-level function, and items should be light
@@ -229,6 +235,8 @@ def map_images(fn, items, workers: int, *, chunksize: int = 1):
 
   ctx = multiprocessing.get_context("spawn")
   with _single_threaded_env():
-    pool = ctx.Pool(n)
+    # Ctrl-C reaches the whole process group: the parent stops the stage (and the pool with it);
+    # the workers ignore it rather than each print a KeyboardInterrupt.
+    pool = ctx.Pool(n, initializer=_ignore_sigint)
   with pool:
     yield from pool.imap(fn, items, chunksize=chunksize)
