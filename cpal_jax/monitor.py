@@ -28,6 +28,15 @@ class ScalarWriter:
       self._w.close()
 
 
+def restart_clock(bar) -> None:
+  """Starts the bar's rate and ETA from now, its count kept: called after the first step, so the
+  compile time of a jitted step does not inflate the ETA."""
+  done = bar.n
+  bar.reset(total=bar.total)
+  bar.n = bar.initial = bar.last_print_n = done
+  bar.refresh()
+
+
 def progress(total: int, desc: str, initial: int = 0):
   return tqdm.tqdm(
       total=total,

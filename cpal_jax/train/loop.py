@@ -149,6 +149,8 @@ def run(
         pending.append(metrics)
         bar.update(1)
         done = step + 1
+        if step == start:
+          monitor.restart_clock(bar)  # the ETA from here excludes the step's compile time
         faults.point(f"{loop.name}/step/{done}")
         if done % loop.log_every == 0 or done == stop:
           window, n_skipped = _window(loop, pending, done)
@@ -166,11 +168,13 @@ def run(
           if pending:
             _window(loop, pending, done, record=False)
           ckpt.save(done, state, data_iter, loop.meta)
+          log.info("%s: checkpoint of step %d saving to %s", loop.name, done, ckpt.directory)
           faults.point(f"{loop.name}/saving/{done}")
         if preempt and done != stop:
           raise Preempted(loop.name, done, ckpt.directory)
     if stop > start or start == 0:
       ckpt.save(stop, state, data_iter, loop.meta)
+      log.info("%s: checkpoint of step %d saving to %s", loop.name, stop, ckpt.directory)
   finally:
     # Also on errors: an asynchronous checkpoint already under way is finished, not abandoned.
     bar.close()
