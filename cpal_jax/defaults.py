@@ -16,6 +16,7 @@ def base() -> ml_collections.ConfigDict:
   c.workdir = ""  # empty: runs/<config name>; the --workdir flag overrides
   # Stages to run, in order (a suffix re-runs just those).
   c.stages = "train_cam,make_cam,eval_cam,refine,export,train_seg,eval_seg"
+  c.dry_run = False  # True: print the resolved config and the stage plan (resumed, refused), run nothing
   c.debug = False  # True: a user error (bad value, missing file, refused resume) shows its traceback
 
   c.data = ml_collections.ConfigDict()

@@ -51,3 +51,20 @@ def test_a_failed_run_is_recorded_with_its_status(tmp_path, monkeypatch):
     (entry,) = [json.loads(line) for line in f]
   assert entry["status"] == "error: RuntimeError" and entry["ended"] >= entry["started"]
   assert os.path.exists(paths.config_json(str(tmp_path)))
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  cli.run(tiny_config(**{"train.num_steps": 2, "stages": "train_cam", "dry_run": True}), workdir)
+  out = capsys.readouterr().out
+  assert "1/1 train_cam: starts from step 0" in out and "accepted: nothing was run" in out
+  assert not os.path.exists(workdir)
+  cli.run(tiny_config(**{"train.num_steps": 2, "stages": "train_cam"}), workdir)
+  before = {p: open(p, "rb").read() for p in (paths.config_json(workdir), paths.runs_jsonl(workdir))}
+  capsys.readouterr()
+  dry = tiny_config(**{"train.num_steps": 2, "stages": "train_cam,make_cam", "dry_run": True, "train.batch_size": 4})
+  cli.run(dry, workdir)
+  out = capsys.readouterr().out
+  assert "train_cam: resumes from the checkpoint of step 2" in out and "2/2 make_cam: 0 maps exist" in out
+  assert "refused: the checkpoint in" in out and "train.batch_size: checkpoint 8 vs config 4" in out
+  assert {p: open(p, "rb").read() for p in before} == before
