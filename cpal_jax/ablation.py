@@ -16,7 +16,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from cpal_jax import provenance
+from cpal_jax import paths, provenance
 
 # (row id, description, the paper's VOC seed mIoU, config overrides on top of the base config).
 # Rows II-IV train without L_self, which is what trains the side heads behind F_hie (their inputs
@@ -89,7 +89,9 @@ def _mean_std(vals):
   return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
 
 
-def summarize(table: str, results: dict, seeds: list[int], command: str = "") -> tuple[str, list]:
+def summarize(
+    table: str, results: dict, seeds: list[int], command: str = "", run_commits: set | None = None
+) -> tuple[str, list]:
   """results: row id -> list of per-seed summaries (summary.json dicts), in `seeds` order. Returns
   (markdown in docs/results.md's form: the command and commit, then one row per setting with the
   mean +- std and each seed's figure; rows).
@@ -128,16 +130,27 @@ def summarize(table: str, results: dict, seeds: list[int], command: str = "") ->
     lines.append(f"| {' | '.join(cells + [str(row['paper_voc'])])} |")
   preface = []
   if command:
-    preface = [f"`{command}` at commit {provenance.git_commit()}:", ""]
+    ran = f"runs at {', '.join(sorted(run_commits))}, " if run_commits else ""
+    preface = [f"`{command}` ({ran}table at {provenance.git_commit()}):", ""]
   return "\n".join(preface + lines) + "\n", rows
+
+
+def _run_commits(run_dir: str) -> set:
+  path = paths.runs_jsonl(run_dir)
+  if not os.path.exists(path):
+    return set()
+  with open(path) as f:
+    entries = [json.loads(line) for line in f if line.strip()]
+  return {e["commit"] for e in entries if e.get("status") == "ok" and e.get("commit")}
 
 
 def run_table(
     base, table: str, seeds: list[int], workdir: str, rows: list[str] | None = None, command: str = ""
 ) -> dict:
-  from cpal_jax import paths, run_record, stages
+  from cpal_jax import run_record, stages
 
   results = {}  # row id -> per-seed summaries
+  commits = set()  # of the code each run's last finished invocation ran (runs.jsonl)
   for rid, _, _, overrides in TABLES[table]:
     if rows and rid not in rows:
       continue
@@ -147,7 +160,8 @@ def run_table(
       if done.get("seed_miou") is None or "eval_cam" not in (done.get("stage_seconds") or {}):
         done = stages.run(row_config(base, overrides, seed), run_dir)
       results.setdefault(rid, []).append(done)
-  md, json_rows = summarize(table, results, seeds, command)
+      commits |= _run_commits(run_dir)
+  md, json_rows = summarize(table, results, seeds, command, commits)
   paths.write_text(os.path.join(workdir, f"table{table}.md"), md)
   paths.write_text(
       os.path.join(workdir, f"table{table}.json"), json.dumps(json_rows, indent=2) + "\n"

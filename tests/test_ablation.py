@@ -49,7 +49,7 @@ def test_summarize_mean_and_std_in_the_docs_form():
   assert by["dot"]["mean"] == 42.0 and by["dot"]["std"] == pytest.approx(np.std([40, 44], ddof=1))
   assert by["l1"]["std"] == 0.0 and "cos" not in by
   lines = md.splitlines()
-  assert lines[0].startswith("`python -m cpal_jax.ablation --table=3 --seeds=3,4` at commit ")
+  assert lines[0].startswith("`python -m cpal_jax.ablation --table=3 --seeds=3,4` (table at ")
   assert "| row | setting | seed mIoU, seeds 3, 4 | paper (VOC train) |" in lines
   assert "| dot | positiveness metric dot | 42.00 +- 2.83 (40.00, 44.00) | 62.5 |" in lines
 
