@@ -40,6 +40,14 @@ def runs_jsonl(workdir: str) -> str:
   return os.path.join(workdir, "runs.jsonl")
 
 
+def stage_records(workdir: str) -> str:
+  return os.path.join(workdir, "records")
+
+
+def stage_record(workdir: str, stage: str) -> str:
+  return os.path.join(stage_records(workdir), f"{stage}.json")
+
+
 def summary_json(workdir: str) -> str:
   return os.path.join(workdir, "summary.json")
 

@@ -1,5 +1,9 @@
-"""The run's record: summary.json (merged stage by stage, replaced atomically, written by process 0
-only), its terminal digest and summary.md."""
+"""The run's record: summary.json (replaced atomically, written by process 0 only), its terminal digest
+and summary.md.
+
+Each stage's entries are kept in records/<stage>.json with the outputs they were computed from;
+summary.json is rebuilt from the records whose outputs still exist, so deleting a stage's outputs
+takes its figures with it (a workdir from before the records keeps its summary.json as written)."""
 
 import json
 import math
@@ -35,18 +39,61 @@ def read(workdir: str) -> dict:
   return summary
 
 
-def update(workdir: str, **updates) -> dict:
-  """Merges `updates` (nested dicts merge one level deep) into workdir/summary.json."""
-  summary = read(workdir)
+def _merge(summary: dict, updates: dict) -> dict:
+  """Nested dicts merge one level deep."""
   for k, v in updates.items():
     if isinstance(v, dict) and isinstance(summary.get(k), dict):
       summary[k] = {**summary[k], **v}
     else:
       summary[k] = v
+  return summary
+
+
+def _write(workdir: str, summary: dict) -> dict:
   summary = _json_safe(summary)
   if distributed.is_main():
     paths.write_text(paths.summary_json(workdir), json.dumps(summary, indent=2, sort_keys=True) + "\n")
   return summary
+
+
+def update(workdir: str, **updates) -> dict:
+  """Merges `updates` into workdir/summary.json as it is (no stage record)."""
+  return _write(workdir, _merge(read(workdir), updates))
+
+
+def _present(path: str) -> bool:
+  return os.path.isdir(path) and any(not f.startswith(".") for f in os.listdir(path))
+
+
+def record(workdir: str, order: int, stage: str, outputs: list[str], updates: dict) -> dict:
+  """Keeps a stage's entries with the folders they were computed from (its `order` in the pipeline
+  sets the merge order), then rebuilds summary.json."""
+  path = paths.stage_record(workdir, stage)
+  entry = {"order": order, "outputs": outputs, "updates": {}}
+  if os.path.exists(path):
+    with open(path) as f:
+      entry["updates"] = json.load(f)["updates"]
+  entry["updates"] = _json_safe(_merge(entry["updates"], updates))
+  if distributed.is_main():
+    paths.write_text(path, json.dumps(entry, indent=2, sort_keys=True) + "\n")
+  return rebuild(workdir)
+
+
+def rebuild(workdir: str) -> dict:
+  """summary.json from the stage records whose outputs exist; as it is without records."""
+  folder = paths.stage_records(workdir)
+  if not os.path.isdir(folder):
+    return read(workdir)
+  entries = []
+  for name in os.listdir(folder):
+    if name.endswith(".json"):
+      with open(os.path.join(folder, name)) as f:
+        entries.append(json.load(f))
+  summary = {k: None for k in SUMMARY_KEYS}
+  for entry in sorted(entries, key=lambda e: e["order"]):
+    if all(_present(p) for p in entry["outputs"]):
+      summary = _merge(summary, entry["updates"])
+  return _write(workdir, summary)
 
 
 def digest(summary: dict) -> str:

@@ -73,7 +73,7 @@ def run(config, workdir: str) -> dict:
   status = "error"
   current = ["setup"]
   try:
-    summary = run_record.read(workdir)
+    summary = run_record.rebuild(workdir)  # outputs deleted since the last run take their figures
     for k, stage in enumerate(stages, 1):
       t0 = time.time()
       current[0] = stage
@@ -81,7 +81,8 @@ def run(config, workdir: str) -> dict:
       with signals_stop(lambda: current[0]):
         updates = runners[stage](config, workdir)
       updates["stage_seconds"] = {stage: round(time.time() - t0, 1)}
-      summary = run_record.update(workdir, **updates)
+      outputs = stage_outputs(config, workdir, stage)
+      summary = run_record.record(workdir, STAGES.index(stage), stage, outputs, updates)
     figures = {}
     if config.report.enabled:
       from cpal_jax import report
@@ -136,6 +137,20 @@ def dry_run(config, workdir: str, stages: list[str]) -> str:
   except ValueError as e:
     lines.append(f"refused: {e}")
   return "\n".join(lines)
+
+
+def stage_outputs(config, workdir: str, stage: str) -> list[str]:
+  """The folders a stage's summary entries were computed from: deleting one drops them."""
+  refined = [paths.crf_masks(workdir)] + ([paths.refined(config, workdir)] if config.refine.mode != "crf" else [])
+  return {
+      "train_cam": [paths.cam_ckpt(workdir)],
+      "make_cam": [paths.cam_maps(workdir)],
+      "eval_cam": [paths.cam_maps(workdir)],
+      "refine": refined,
+      "export": [paths.masks(workdir)],
+      "train_seg": [paths.seg_ckpt(workdir)],
+      "eval_seg": [paths.seg_pred(workdir)],
+  }[stage]
 
 
 def config_hash(config) -> str:

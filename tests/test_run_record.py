@@ -68,3 +68,19 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
   assert "train_cam: resumes from the checkpoint of step 2" in out and "2/2 make_cam: 0 maps exist" in out
   assert "refused: the checkpoint in" in out and "train.batch_size: checkpoint 8 vs config 4" in out
   assert {p: open(p, "rb").read() for p in before} == before
+
+
+def test_deleted_outputs_take_their_figures_with_them(tmp_path):
+  import shutil
+
+  workdir = str(tmp_path)
+  cli.run(tiny_config(**{"train.num_steps": 2, "stages": "train_cam,make_cam,eval_cam"}), workdir)
+  summary = json.load(open(paths.summary_json(workdir)))
+  assert summary["seed_miou"] is not None and "make_cam" in summary and "train_cam" in summary
+  assert sorted(os.listdir(paths.stage_records(workdir))) == ["eval_cam.json", "make_cam.json", "train_cam.json"]
+  shutil.rmtree(paths.cam_maps(workdir))
+  cli.run(tiny_config(**{"train.num_steps": 2, "stages": "train_cam"}), workdir)  # nothing left to train
+  summary = json.load(open(paths.summary_json(workdir)))
+  assert summary["seed_miou"] is None and "make_cam" not in summary and "eval_cam" not in summary
+  assert summary["train_cam"]["steps"] == 2
+  assert "| `eval_cam` |" not in open(paths.summary_md(workdir)).read()
