@@ -152,8 +152,37 @@ def problems(config, stages: list[str], workdir: str) -> list[str]:
   out += _schedules(config, stages)
   out += _devices(config, stages)
   out += _files(config, stages)
-  if not out:  # the workdir's layout depends on sane modes
+  if not out:  # the workdir's layout and the sources depend on sane values
     out += _stage_order(config, stages, workdir)
+    out += _data(config, stages)
+  return out
+
+
+def _data(config, stages) -> list[str]:
+  """The splits the stages read: listed files present (each source checks that as it is built),
+  and, for VOC, every mask the size of its image from the file headers."""
+  from cpal_jax import command
+  from cpal_jax.data import pipeline
+
+  train = config.cam.split or config.data.train_split
+  wanted = {}
+  if "train_cam" in stages:
+    wanted[(config.data.train_split, False)] = True
+  if {"make_cam", "refine", "export"} & set(stages):
+    wanted[(train, False)] = True
+  if {"eval_cam", "refine", "export"} & set(stages):
+    wanted[(config.data.eval_split, True)] = True
+  if "eval_seg" in stages:
+    wanted[(config.data.val_split, True)] = True
+  out = []
+  for split, with_mask in wanted:
+    try:
+      source = pipeline.make_source(config, split, with_mask=with_mask)
+    except command.USER_ERRORS as e:
+      out.append(" ".join(str(e).split()))
+      continue
+    if with_mask and hasattr(source, "size_mismatches") and config.data.on_bad_input == "strict":
+      out += source.size_mismatches()
   return out
 
 

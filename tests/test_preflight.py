@@ -70,7 +70,9 @@ def test_the_default_configs_pass(tmp_path):
   root = tmp_path / "VOC2012"
   root.mkdir()
   voc = with_(voc_config.get_config(), **{"mesh.data": 1})  # DeepLab's batch 10 on one device
-  assert preflight.problems(with_(voc, **{"data.root": str(root)}), ALL, str(tmp_path)) == []
+  # An empty folder: the config is fine, the tree is not (each split the stages read says so).
+  found = preflight.problems(with_(voc, **{"data.root": str(root)}), ALL, str(tmp_path))
+  assert found and all(p.startswith("VOC root has no JPEGImages/") for p in found), found
   assert preflight.problems(voc, ALL, str(tmp_path)) == [
       "data.root is empty: set --config.data.root to the VOC folder"
   ]
@@ -120,3 +122,27 @@ def test_command_line_reports_all_problems_in_seconds_and_writes_nothing(tmp_pat
   for key in ("train.batch_size", "refine.mode", "cam.scales", "model.strides", "seg.pretrained"):
     assert sum(key in e for e in errors) == 1, (key, errors)
   assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before
+
+
+def test_voc_tree_problems_are_found_from_headers(tmp_path):
+  """Missing files and a mask of another size in the real VOC sample, found before any stage."""
+  import shutil
+
+  from PIL import Image
+
+  root = tmp_path / "VOC2012"
+  shutil.copytree(REPO / "tests" / "data" / "voc2012_sample", root)
+  c = with_(
+      voc_config.get_config(),
+      **{"data.root": str(root), "data.train_split": "train", "data.eval_split": "train", "mesh.data": 1},
+  )
+  assert preflight.problems(c, ALL, str(tmp_path / "run")) == []
+  ids = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+  mask = root / "SegmentationClass" / f"{ids[1]}.png"
+  with Image.open(mask) as m:
+    m.resize((m.size[0] // 2, m.size[1] // 2), Image.NEAREST).save(mask)
+  found = preflight.problems(c, ALL, str(tmp_path / "run"))
+  assert len(found) == 1 and found[0].startswith(f"VOC mask {mask} is ") and "but its image is" in found[0]
+  (root / "JPEGImages" / f"{ids[0]}.jpg").unlink()
+  found = preflight.problems(c, ["train_cam"], str(tmp_path / "run"))
+  assert len(found) == 1 and "VOC image missing for 1 of" in found[0] and ids[0] in found[0]

@@ -664,6 +664,28 @@ class VOCSource(IdListSource):
       element["mask"] = mask
     return element
 
+  def size_mismatches(self, limit: int = 5) -> list[str]:
+    """Masks whose size differs from their image's, from the file headers alone (no decoding):
+    the first `limit` of them, one line each."""
+    if self.mask_dir is None:
+      return []
+    out = []
+    for image_id in self._ids:
+      mask_path = self.mask_dir / f"{image_id}.png"
+      try:
+        with Image.open(self.root / "JPEGImages" / f"{image_id}.jpg") as im, Image.open(mask_path) as m:
+          if im.size != m.size:
+            (w, h), (mw, mh) = im.size, m.size
+            out.append(
+                f"VOC mask {mask_path} is {mh}x{mw} but its image is {h}x{w}; the mask belongs to another "
+                f"image or was resized, {_SKIP_HINT}"
+            )
+      except OSError:
+        continue  # unreadable files are reported when they are decoded
+      if len(out) >= limit:
+        break
+    return out
+
   def _split_display(self) -> str:
     try:
       return str(self.split_path.relative_to(self.root))
