@@ -16,8 +16,11 @@ scales, MSC, CRF).
 from cpal_jax import defaults
 
 
+VARIANTS = ("", "seg")
+
+
 def get_config(variant: str = ""):
-  if variant not in ("", "seg"):
+  if variant not in VARIANTS:
     raise ValueError(f"configs/coco.py:{variant}: no such variant; use configs/coco.py or :seg")
   c = defaults.base()  # the paper's CAM recipe (docs/method.md 1.2), as configs/voc.py
   c.workdir = "runs/coco"

@@ -22,8 +22,11 @@ from cpal_jax import defaults
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(cpal_jax.__file__)), "assets", "procnet_resnet_tiny.npz")
 
 
+VARIANTS = ("", "scratch", "smoke")
+
+
 def get_config(variant: str = ""):
-  if variant not in ("", "scratch", "smoke"):
+  if variant not in VARIANTS:
     raise ValueError(
         f"configs/synthetic.py:{variant}: no such variant; use configs/synthetic.py, :scratch or :smoke"
     )

@@ -19,8 +19,11 @@ number (the COCO-pretrained init leaks COCO into VOC).
 from cpal_jax import defaults
 
 
+VARIANTS = ("", "seg")
+
+
 def get_config(variant: str = ""):
-  if variant not in ("", "seg"):
+  if variant not in VARIANTS:
     raise ValueError(f"configs/voc.py:{variant}: no such variant; use configs/voc.py or :seg")
   c = defaults.base()
   c.workdir = "runs/voc"

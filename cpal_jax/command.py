@@ -42,14 +42,36 @@ def config_file(value: str) -> str:
   return value  # ml_collections reports the missing file
 
 
+def _check_variant(value: str) -> None:
+  """A missing config file or unknown `:variant` ends the program in one line, before flag parsing
+  (which would wrap the config's own error in a traceback)."""
+  import importlib.util
+
+  path, _, variant = value.partition(":")
+  if not os.path.isfile(path):
+    names = sorted(f[:-3] for d in CONFIG_DIRS if os.path.isdir(d) for f in os.listdir(d) if f.endswith(".py"))
+    print(f"error: --config={value}: no such config file; a path, or one of {', '.join(names)}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT_CODE)
+  spec = importlib.util.spec_from_file_location("_config_variants", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  variants = getattr(module, "VARIANTS", ("",))
+  if variant not in variants:
+    shown = ", ".join(f":{v}" for v in variants if v)
+    print(f"error: --config={value}: no variant {variant!r}; this file has {shown or 'none'}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT_CODE)
+
+
 def resolve_config_argv(argv: list[str]) -> list[str]:
-  """argv with --config=<value> resolved by config_file (the other flags as they are)."""
+  """argv with --config=<value> resolved by config_file and checked (the other flags as they are)."""
   out = list(argv)
   for i, arg in enumerate(out):
     if arg.startswith("--config="):
       out[i] = "--config=" + config_file(arg[len("--config=") :])
+      _check_variant(out[i][len("--config=") :])
     elif arg == "--config" and i + 1 < len(out):
       out[i + 1] = config_file(out[i + 1])
+      _check_variant(out[i + 1])
   return out
 
 

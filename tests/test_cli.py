@@ -172,3 +172,13 @@ def test_empty_workdir_flag_is_refused(tmp_path):
   )
   assert r.returncode != 0 and "--workdir is empty" in r.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_config_file_and_variant_errors_are_one_line(tmp_path):
+  for value, says in (("synthetic:bogus", "no variant 'bogus'; this file has :scratch, :smoke"),
+                      ("nothere.py", "no such config file; a path, or one of coco, pretrain, synthetic, voc")):
+    r = run_cli(f"--workdir={tmp_path}", f"--config={value}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+    assert says in line
+  assert not os.listdir(tmp_path)
