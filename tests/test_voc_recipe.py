@@ -64,7 +64,7 @@ def test_converted_resnet50_runs_the_voc_recipe_on_real_images(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   with np.load(weights) as f:
     num_tensors = len(f.files)
-  assert f"loaded {num_tensors} tensors from {weights}" in r.stderr  # every converted tensor was used
+  assert f"loaded {num_tensors} backbone tensors from {weights}" in r.stderr  # every converted tensor was used
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["train_cam"]["steps"] == 2
   for key in ("seed_miou", "crf_miou", "mask_miou"):

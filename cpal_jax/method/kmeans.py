@@ -217,18 +217,7 @@ def kmeans(
 
 
 @functools.partial(jax.jit, static_argnames=("num_clusters", "iters", "init", "metric", "fixed_iters"))
-def kmeans_bank(
-    bank_feats,
-    bank_count,
-    num_clusters: int,
-    key,
-    *,
-    iters: int = 30,
-    init: str = "kmeans++",
-    metric: str = "euclidean",
-    prev_centers=None,
-    fixed_iters: bool = False,
-) -> Clusters:
+def kmeans_bank(bank_feats, bank_count, num_clusters: int, key, *, prev_centers=None, **options) -> Clusters:
   """kmeans on every class of a bank: [K, capacity, dim], [K] -> Clusters of [K, C, dim], [K, C],
   [K, C], [K].
 
@@ -237,12 +226,11 @@ def kmeans_bank(
   own classes (the shared loop condition, "has any class not converged", is the only cross-device
   traffic: one scalar all-reduce per iteration). Lloyd stops once every class has converged (no
   assignment changed) or after `iters` iterations; a converged class is not changed further, so the
-  result is the same as with `iters` iterations. prev_centers, if given, is [K, C, dim].
+  result is the same as with `iters` iterations. prev_centers, if given, is [K, C, dim]; options are
+  kmeans's (iters, init, metric, fixed_iters).
   """
   keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(bank_feats.shape[0]))
-  run = functools.partial(
-      kmeans, num_clusters=num_clusters, iters=iters, init=init, metric=metric, fixed_iters=fixed_iters
-  )
+  run = functools.partial(kmeans, num_clusters=num_clusters, **options)
   if prev_centers is None:
     return jax.vmap(lambda p, c, k: run(p, c, key=k))(bank_feats, bank_count, keys)
   warm = jax.vmap(lambda p, c, k, pc: run(p, c, key=k, prev_centers=pc))

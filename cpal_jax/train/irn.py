@@ -34,16 +34,9 @@ POLY_POWER = 0.9  # IRN's PolyOptimizer exponent (the constructor argument it ca
 # ------------------------------------------------------------------------------------------ data
 def IRLabelSource(source, label_dir: str, num_classes: int) -> label_png.LabelPNGSource:
   """The images of a split with their IR labels under "ir_label" (255 = unsure)."""
-  return label_png.LabelPNGSource(
-      source,
-      label_dir,
-      num_classes,
-      key="ir_label",
-      kind="IR label",
-      stage="refine",
-      hint="the refine stage makes the IR labels from the CAM maps before it trains IRN; run it first "
-      "(--config.stages=...,make_cam,refine)",
-  )
+  missing = "the refine stage makes them from the CAM maps before it trains IRN; run it first (make_cam,refine)"
+  where = {"key": "ir_label", "kind": "IR label", "stage": "refine"}
+  return label_png.LabelPNGSource(source, label_dir, num_classes, hint=missing, **where)
 
 
 class IRNAugment(grain.transforms.RandomMap):

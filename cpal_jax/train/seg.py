@@ -68,15 +68,9 @@ def check(config) -> None:
 # ------------------------------------------------------------------------------------------ data
 def PseudoMaskSource(source, mask_dir: str, num_classes: int) -> label_png.LabelPNGSource:
   """The images of a split with their exported pseudo masks under "mask"."""
-  return label_png.LabelPNGSource(
-      source,
-      mask_dir,
-      num_classes,
-      key="mask",
-      kind="pseudo mask",
-      stage="export",
-      hint="the export stage writes them; run it first (--config.stages=...,export,train_seg)",
-  )
+  missing = "the export stage writes them; run it first (--config.stages=...,export,train_seg)"
+  where = {"key": "mask", "kind": "pseudo mask", "stage": "export"}
+  return label_png.LabelPNGSource(source, mask_dir, num_classes, hint=missing, **where)
 
 
 def _linear_taps(n_in: int, n_out: int):
