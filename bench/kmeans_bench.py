@@ -20,6 +20,8 @@ import statistics
 import sys
 import time
 
+import md_table  # bench/md_table.py, beside this script
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,6 +178,12 @@ def main(argv=None):
       f"difference| on the others: {max_diff:.2e}; label agreement (all classes): {label_agree:.4%}"
   )
   print(f"converged and fixed {args.iters}-iteration results bit-identical: {fixed_identical}")
+  md_table.emit(
+      ["implementation", "run s", "iterations (mean, max)", "ms/iteration"],
+      [[r["name"], f"{r['run_s']:.4f}", f"{r['iters_mean']:.2f}, {r['iters_max']}", f"{r['ms_per_iter']:.1f}"]
+       for r in rows],
+      f", {args.threads} threads; sklearn / jax {speedup:.2f}x",
+  )
 
   if args.json:
     with open(args.json, "w") as f:

@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 
+import md_table  # bench/md_table.py, beside this script
+
 
 def parse_size(text: str) -> tuple[int, int]:
   w, h = (int(v) for v in text.lower().split("x"))
@@ -242,6 +244,10 @@ def main(argv=None):
         f"{biggest['xla_buffer_bytes'] / same[0]['xla_buffer_bytes']:.1f}x XLA buffers; output sums "
         f"{same[0]['checksum']:.6g} (sparse) vs {biggest['checksum']:.6g} (dense)"
     )
+  md_table.emit(
+      ["variant", "map", "run s", "XLA buffers MB", "peak RSS MB"],
+      [[r["variant"], r["size"], f"{r['run_s']:.3f}", mb(r["xla_buffer_bytes"]), mb(r["rss_peak_bytes"])] for r in rows],
+  )
   result = dict(config={k: v for k, v in vars(args).items() if k != "worker"}, rows=rows)
   print(json.dumps(result))
   if args.json:

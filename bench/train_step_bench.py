@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+import md_table  # bench/md_table.py, beside this script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_REF = os.path.join(REPO, "bench", "torch_ref.py")
 
@@ -171,6 +173,15 @@ def main():
   if ref and "jax sipe" in by:
     ratios["torch_over_jax_sipe_step_time"] = ref["step_s"] / by["jax sipe"]["step_s"]
     print(f"PyTorch SIPE step / JAX SIPE step: {ratios['torch_over_jax_sipe_step_time']:.3f}")
+  md_table.emit(
+      ["implementation", "s/step", "images/s", "GFLOP/step"] + (["share of matmul peak"] if peak else []),
+      [
+          [r["impl"], f"{r['step_s']:.3f}", f"{r['images_per_s']:.2f}", f"{r['gflop_per_step']:.1f}"]
+          + ([f"{r['gflops_per_s'] / peak:.1%}"] if peak else [])
+          for r in rows
+      ],
+      f", {args.threads} threads",
+  )
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"args": vars(args), "rows": rows, "ratios": ratios, "peak_gflops": peak}, f, indent=1)
