@@ -77,8 +77,27 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
 
 def define_config_flag(help_text: str, default: str = "synthetic.py"):
   """--config (flags exist only when a module runs as a program, so library imports stay clean).
-  Programs pass resolve_config_argv(sys.argv) to app.run so packaged names work too."""
-  return config_flags.DEFINE_config_file("config", config_file(default), help_text, lock_config=True)
+  Programs pass resolve_config_argv(sys.argv) and parse_flags to app.run, so packaged names work
+  and flag errors are one line."""
+  try:
+    return config_flags.DEFINE_config_file("config", config_file(default), help_text, lock_config=True)
+  except (AttributeError, KeyError) as e:  # ml_collections meets an unknown --config.<key> here
+    name = str(e).strip("'\" ")
+    given = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.") and name in a.split("=")[0]]
+    print(f"error: {given[0] if given else name}: no such config key (docs/config.md lists them)", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with its errors (a wrong type, a bad value) as one `error:` line."""
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    print(f"error: {' '.join(lines[:1] + lines[-1:]) if len(lines) > 1 else lines[0]}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT_CODE)
 
 
 # What a user can fix (a config value, a missing or bad file, a refused resume): the packages raise

@@ -32,7 +32,7 @@ def cli() -> None:
     with command.user_errors_in_one_line(config.get("debug", False)), stages.exit_on_preemption():
       stages.run(config, workdir_flag.value or config.workdir or os.path.join("runs", "default"))
 
-  app.run(main, argv=command.resolve_config_argv(sys.argv))
+  app.run(main, argv=command.resolve_config_argv(sys.argv), flags_parser=command.parse_flags)
 
 
 if __name__ == "__main__":

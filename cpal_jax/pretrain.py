@@ -29,7 +29,7 @@ def cli() -> None:
     print(f"val accuracy {record['val_accuracy']:.4f} (chance {record['chance']:.4f}) in {record['seconds']:.0f} s; "
           f"weights: {config.out}")
 
-  app.run(main, argv=command.resolve_config_argv(sys.argv))
+  app.run(main, argv=command.resolve_config_argv(sys.argv), flags_parser=command.parse_flags)
 
 
 if __name__ == "__main__":

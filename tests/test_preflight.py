@@ -146,3 +146,50 @@ def test_voc_tree_problems_are_found_from_headers(tmp_path):
   (root / "JPEGImages" / f"{ids[0]}.jpg").unlink()
   found = preflight.problems(c, ["train_cam"], str(tmp_path / "run"))
   assert len(found) == 1 and "VOC image missing for 1 of" in found[0] and ids[0] in found[0]
+
+
+def _cli_value(value) -> str:
+  if isinstance(value, tuple):
+    return "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+  return str(value)
+
+
+CLI_EXTRA = [
+    (["--config.stages=eval_cam"], "config.stages: eval_cam reads what make_cam writes"),
+    (["--config.stages=train_cam,bogus"], "config.stages='train_cam,bogus': unknown stage(s)"),
+    (["--config=synthetic:bogus"], "no variant 'bogus'"),
+    (["--config=nothere.py"], "no such config file"),
+    (["--config.train.batch_size=sixteen"], "sixteen"),
+    (["--config.train.bogus_key=3"], "bogus_key"),
+    (["--config=voc"], "data.root is empty"),
+    (["--config=voc", "--config.data.root=/no/voc"], "data.root=/no/voc: no such folder"),
+]
+
+
+@pytest.mark.slow
+def test_bad_input_matrix_through_the_command_line(tmp_path):
+  """Every case: non-zero exit before any training, no traceback, the key or file named, and the
+  workdir's record byte-identical."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text('{"seed": 0}\n')
+  (workdir / "runs.jsonl").write_text('{"status": "ok"}\n')
+  (workdir / "summary.json").write_text('{"seed_miou": 50.0}\n')
+  before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+  cases = [
+      ([f"--config.{k}={_cli_value(v)}" for k, v in overrides.items()], line) for overrides, line in CASES
+  ] + CLI_EXTRA
+  assert len(cases) >= 30
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  for args, says in cases:
+    t0 = time.time()
+    r = subprocess.run(
+        [sys.executable, "-m", "cpal_jax.main", f"--workdir={workdir}", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    took = time.time() - t0
+    assert r.returncode != 0, args
+    assert says in r.stderr, (args, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+    assert took < 30, (args, took)
+    assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before, args
