@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import synthetic as synthetic_config
-from cpal_jax import paths
+from cpal_jax import checkpointing, paths
 from cpal_jax import stages as cli
 from cpal_jax.infer import network
 from cpal_jax.parallel import sharding
@@ -161,7 +161,7 @@ def cpal_config(**overrides):
 
 def final_state(config, workdir):
   setup = cam_stage.build(config, sharding.make_mesh(config.mesh.data), config.data.num_train)
-  ckpt = cam_stage.checkpointing.Checkpointer(paths.cam_ckpt(workdir), async_save=False)
+  ckpt = checkpointing.Checkpointer(paths.cam_ckpt(workdir), async_save=False)
   state, _ = ckpt.restore(ckpt.latest_step(), setup.abstract_state)
   ckpt.close()
   return jax.tree.map(np.asarray, state)
