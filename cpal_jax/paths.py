@@ -32,6 +32,11 @@ def write_text(path: str, text: str) -> None:
     f.write(text)
 
 
+def populated(folder: str) -> bool:
+  """The folder exists and holds an output (temporary and hidden files do not count)."""
+  return os.path.isdir(folder) and any(not f.startswith(".") for f in os.listdir(folder))
+
+
 def config_json(workdir: str) -> str:
   return os.path.join(workdir, "config.json")
 

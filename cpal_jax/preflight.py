@@ -251,9 +251,6 @@ def _files(config, stages) -> list[str]:
 def _stage_order(config, stages, workdir) -> list[str]:
   """A stage whose input neither exists in the workdir nor is made by an earlier requested stage."""
 
-  def has_files(d: str) -> bool:
-    return os.path.isdir(d) and any(not f.startswith(".") for f in os.listdir(d))
-
   def ckpt(d: str) -> bool:
     return os.path.isdir(d) and any(f.isdigit() for f in os.listdir(d))
 
@@ -261,15 +258,15 @@ def _stage_order(config, stages, workdir) -> list[str]:
   out = []
   needs = {
       "make_cam": ("train_cam", lambda: ckpt(paths.cam_ckpt(workdir)) or bool(config.cam.get("weights"))),
-      "eval_cam": ("make_cam", lambda: has_files(paths.cam_maps(workdir))),
-      "refine": ("make_cam", lambda: has_files(paths.cam_maps(workdir))),
+      "eval_cam": ("make_cam", lambda: paths.populated(paths.cam_maps(workdir))),
+      "refine": ("make_cam", lambda: paths.populated(paths.cam_maps(workdir))),
       "export": (
           "refine" if config.export.source == "refine" else "make_cam",
-          lambda: has_files(paths.refined(config, workdir))
+          lambda: paths.populated(paths.refined(config, workdir))
           if config.export.source == "refine"
-          else has_files(paths.cam_maps(workdir)),
+          else paths.populated(paths.cam_maps(workdir)),
       ),
-      "train_seg": ("export", lambda: has_files(paths.masks(workdir))),
+      "train_seg": ("export", lambda: paths.populated(paths.masks(workdir))),
       "eval_seg": ("train_seg", lambda: ckpt(paths.seg_ckpt(workdir))),
   }
   for stage in stages:

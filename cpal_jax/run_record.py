@@ -61,10 +61,6 @@ def update(workdir: str, **updates) -> dict:
   return _write(workdir, _merge(read(workdir), updates))
 
 
-def _present(path: str) -> bool:
-  return os.path.isdir(path) and any(not f.startswith(".") for f in os.listdir(path))
-
-
 def record(workdir: str, order: int, stage: str, outputs: list[str], updates: dict) -> dict:
   """Keeps a stage's entries with the folders they were computed from (its `order` in the pipeline
   sets the merge order), then rebuilds summary.json."""
@@ -91,7 +87,7 @@ def rebuild(workdir: str) -> dict:
         entries.append(json.load(f))
   summary = {k: None for k in SUMMARY_KEYS}
   for entry in sorted(entries, key=lambda e: e["order"]):
-    if all(_present(p) for p in entry["outputs"]):
+    if all(paths.populated(p) for p in entry["outputs"]):
       summary = _merge(summary, entry["updates"])
   return _write(workdir, summary)
 
