@@ -192,7 +192,7 @@ def cli() -> None:
       command_line = " ".join(["python -m cpal_jax.ablation", *sys.argv[1:]])
       run_table(config_flag.value, table.value, seeds, workdir.value, rows, command_line)
 
-  app.run(main, argv=command.resolve_config_argv(sys.argv), flags_parser=command.parse_flags)
+  command.run(main, __doc__)
 
 
 if __name__ == "__main__":

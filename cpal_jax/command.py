@@ -75,10 +75,18 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
   return out
 
 
+# The running program's default config and the flags that existed before its own (for --help).
+_PROGRAM: dict = {}
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort")
+
+
 def define_config_flag(help_text: str, default: str = "synthetic.py"):
   """--config (flags exist only when a module runs as a program, so library imports stay clean).
-  Programs pass resolve_config_argv(sys.argv) and parse_flags to app.run, so packaged names work
-  and flag errors are one line."""
+  Programs start with run(main, __doc__), so packaged names work, flag errors are one line and
+  --help lists every config key."""
+  from absl import flags
+
+  _PROGRAM.update(default=default, absl=set(flags.FLAGS))
   try:
     return config_flags.DEFINE_config_file("config", config_file(default), help_text, lock_config=True)
   except (AttributeError, KeyError) as e:  # ml_collections meets an unknown --config.<key> here
@@ -86,6 +94,47 @@ def define_config_flag(help_text: str, default: str = "synthetic.py"):
     given = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.") and name in a.split("=")[0]]
     print(f"error: {given[0] if given else name}: no such config key (docs/config.md lists them)", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def help_text(argv: list[str], doc: str) -> str:
+  """The program's docstring, its own flags, and every key of the config it would load (the one
+  --config names, else its default) with that config's value and meaning."""
+  from absl import flags
+
+  from cpal_jax import config_doc
+
+  value = next((a[len("--config=") :] for a in argv if a.startswith("--config=")), None)
+  if value is None and "--config" in argv[:-1]:
+    value = argv[argv.index("--config") + 1]
+  value = value or config_file(_PROGRAM.get("default", "synthetic.py"))
+  lines = [(doc or "").strip(), "", "flags:"]
+  for name in sorted(set(flags.FLAGS) - _PROGRAM.get("absl", set()) - {"config"}, key=lambda n: n != "workdir"):
+    flag = flags.FLAGS[name]
+    default = "" if flag.default in (None, "") else f" (default: {flag.default_as_str})"
+    lines.append(f"  --{name}: {flag.help}{default}")
+  lines += [
+      f"  --config=<file>[:variant]: the config file, a path or a packaged name (now: {value})",
+      "  --config.<key>=<value>: set any key below; tuples as (1.0,0.5)",
+      "",
+      f"config keys, with the values of {value} (docs/config.md compares the shipped configs):",
+      *config_doc.key_lines(config_doc.load(value)),
+  ]
+  return "\n".join(lines)
+
+
+def run(main, doc: str) -> None:
+  """absl's app.run of `main` with --config resolved (packaged names, variants checked), one-line
+  flag errors, and --help answered by help_text."""
+  from absl import app
+
+  argv = resolve_config_argv(sys.argv)
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    try:
+      print(help_text(argv, doc))
+    except BrokenPipeError:  # `--help | head`
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
+  app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -11,6 +11,7 @@ import ast
 import inspect
 import io
 import json
+import os
 import tokenize
 
 # The functions that set the keys, and the prefix their assignments live under.
@@ -90,20 +91,42 @@ def _show(value) -> str:
   return "`" + (text if len(text) <= 40 else text[:37] + "...") + "`"
 
 
-def render() -> str:
+def load(value: str):
+  """The config a --config value names (`path[:variant]`, or a packaged name such as `voc`)."""
   import importlib.util
-  import os
 
-  from cpal_jax import command, defaults
+  from cpal_jax import command
+
+  path, _, variant = command.config_file(value).partition(":")
+  spec = importlib.util.spec_from_file_location("_config_doc_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _meaning(text: dict, key: str) -> str:
+  # A key set inside a dict literal (refine's crf_params) shares its parent's line.
+  return first_sentence(text[key] if key in text else text.get(key.rsplit(".", 1)[0], ""))
+
+
+def key_lines(config) -> list[str]:
+  """`<key>  <value>  <meaning>`, one line per key of `config`, values as --config.<key>= takes them
+  (Python literals: tuples in parentheses): what --help lists."""
+  values = _flat(config.to_dict())
+  text = meanings()
+  out = []
+  for key in sorted(values):
+    value = repr(values[key])
+    value = value if len(value) <= 24 else value[:21] + "..."
+    out.append(f"  {key:<36} {value:<24} {_meaning(text, key)}".rstrip())
+  return out
+
+
+def render() -> str:
+  from cpal_jax import defaults
 
   base = _flat(json.loads(defaults.base().to_json()))
-  shipped = {}
-  for name, variant in _CONFIGS:
-    path = command.config_file(name)
-    spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    shipped[name] = _flat(json.loads(module.get_config(variant).to_json()))
+  shipped = {name: _flat(json.loads(load(f"{name}:{variant}" if variant else name).to_json())) for name, variant in _CONFIGS}
   text = meanings()
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   lines = [
@@ -123,9 +146,7 @@ def render() -> str:
       if isinstance(v, str) and v.startswith(repo):
         v = os.path.relpath(v, repo)
       cells.append("" if v == base[key] else _show(v))
-    # A key set inside a dict literal (refine's crf_params) shares its parent's line.
-    meaning = text[key] if key in text else text.get(key.rsplit(".", 1)[0], "")
-    cells.append(first_sentence(meaning).replace("|", "\\|"))
+    cells.append(_meaning(text, key).replace("|", "\\|"))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 

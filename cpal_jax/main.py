@@ -9,7 +9,6 @@ Every stage reads only what earlier stages wrote to the workdir, so any suffix c
 """
 
 import os
-import sys
 
 from absl import app, flags
 
@@ -32,7 +31,7 @@ def cli() -> None:
     with command.user_errors_in_one_line(config.get("debug", False)), stages.exit_on_preemption():
       stages.run(config, workdir_flag.value or config.workdir or os.path.join("runs", "default"))
 
-  app.run(main, argv=command.resolve_config_argv(sys.argv), flags_parser=command.parse_flags)
+  command.run(main, __doc__)
 
 
 if __name__ == "__main__":

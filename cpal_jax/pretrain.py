@@ -6,7 +6,6 @@
 A killed run resumes from its workdir's checkpoint.
 """
 
-import sys
 
 from absl import app, flags
 
@@ -29,7 +28,7 @@ def cli() -> None:
     print(f"val accuracy {record['val_accuracy']:.4f} (chance {record['chance']:.4f}) in {record['seconds']:.0f} s; "
           f"weights: {config.out}")
 
-  app.run(main, argv=command.resolve_config_argv(sys.argv), flags_parser=command.parse_flags)
+  command.run(main, __doc__)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,27 @@ def test_smoke_variant_is_small():
   assert smoke.stages == synthetic_config.get_config().stages  # every stage
 
 
+def test_help_lists_every_key_of_the_named_config():
+  from cpal_jax import config_doc
+
+  def helped(*args):
+    r = subprocess.run(
+        [sys.executable, "-m", "cpal_jax.main", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+  voc = helped("--config=voc:seg", "--help")
+  keys = config_doc._flat(config_doc.load("voc:seg").to_dict())
+  listed = {l.split()[0] for l in voc.splitlines() if l.startswith("  ") and not l.lstrip().startswith("-")}
+  assert listed >= set(keys)
+  seg_lr = next(l for l in voc.splitlines() if l.split()[:1] == ["seg.lr"])
+  assert "0.00025" in seg_lr and "backbone" in seg_lr  # the voc:seg value and its meaning
+  assert "--workdir" in voc
+  synthetic = helped("-h")  # the default config
+  assert any(l.split()[:2] == ["model.backbone", "'resnet_tiny'"] for l in synthetic.splitlines())
+
+
 @pytest.mark.slow
 def test_pip_install_gives_a_cpal_jax_command(tmp_path):
   venv = tmp_path / "venv"

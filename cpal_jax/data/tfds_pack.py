@@ -275,7 +275,8 @@ def cli() -> None:
   from absl import app, flags  # pylint: disable=g-import-not-at-top
 
   # pylint: disable-next=g-import-not-at-top
-  from cpal_jax.command import define_config_flag, parse_flags, resolve_config_argv, setup_logging
+  from cpal_jax import command
+  from cpal_jax.command import define_config_flag, setup_logging
 
   config_flag = define_config_flag(
       "Pipeline config file (get_config()); data.name voc or coco, data.root set."
@@ -319,7 +320,7 @@ def cli() -> None:
         + (f" --config.data.tfds_name={stats['name']}" if stats["name"] != f"cpal_{config.data.name}" else "")
     )
 
-  app.run(main, argv=resolve_config_argv(sys.argv), flags_parser=parse_flags)
+  command.run(main, __doc__)
 
 
 if __name__ == "__main__":
