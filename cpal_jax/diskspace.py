@@ -18,12 +18,12 @@ def require(path: str, nbytes: int, what: str) -> None:
   free = free_bytes(os.path.abspath(path))
   if nbytes * MARGIN > free:
     raise OSError(
-        f"not enough disk space for {what} in {path}: needs about {_human(nbytes * MARGIN)}, "
-        f"{_human(free)} free; free some space or point --workdir at a larger volume"
+        f"not enough disk space for {what} in {path}: needs about {human(nbytes * MARGIN)}, "
+        f"{human(free)} free; free some space or point --workdir at a larger volume"
     )
 
 
-def _human(n: float) -> str:
+def human(n: float) -> str:
   for unit in ("B", "KB", "MB", "GB"):
     if n < 1024:
       return f"{n:.1f} {unit}"

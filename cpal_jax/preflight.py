@@ -2,9 +2,9 @@
 type, range and choices, the stage order against what the workdir holds, and the files the config
 names; all problems are reported together, one line each naming the key or file and the fix.
 
-What needs the data itself (the split lists, label tables and mask sizes of a VOC/COCO tree) is
-checked when the stage builds its source, still before it trains (stages.check_resume builds the
-training split's source up front).
+The data tree is checked by building each split's source (lists, label tables, files present) and,
+for VOC, comparing mask and image sizes from the file headers; weight files by comparing the shapes
+in their headers with the model's; the disk by an estimate of what the stages write.
 """
 
 import os
@@ -152,15 +152,22 @@ def problems(config, stages: list[str], workdir: str) -> list[str]:
   out += _schedules(config, stages)
   out += _devices(config, stages)
   out += _files(config, stages)
+  if not out:
+    out += _weights(config, stages)
   if not out:  # the workdir's layout and the sources depend on sane values
     out += _stage_order(config, stages, workdir)
-    out += _data(config, stages)
+    found, sources = _data(config, stages)
+    out += found
+    split = config.cam.split or config.data.train_split
+    if not found and split in sources:
+      out += _disk(config, stages, workdir, len(sources[split]))
   return out
 
 
-def _data(config, stages) -> list[str]:
+def _data(config, stages) -> tuple[list[str], dict]:
   """The splits the stages read: listed files present (each source checks that as it is built),
-  and, for VOC, every mask the size of its image from the file headers."""
+  and, for VOC, every mask the size of its image from the file headers. Returns (problems,
+  {split: source})."""
   from cpal_jax import command
   from cpal_jax.data import pipeline
 
@@ -174,16 +181,17 @@ def _data(config, stages) -> list[str]:
     wanted[(config.data.eval_split, True)] = True
   if "eval_seg" in stages:
     wanted[(config.data.val_split, True)] = True
-  out = []
+  out, sources = [], {}
   for split, with_mask in wanted:
     try:
       source = pipeline.make_source(config, split, with_mask=with_mask)
     except command.USER_ERRORS as e:
       out.append(" ".join(str(e).split()))
       continue
+    sources[split] = source
     if with_mask and hasattr(source, "size_mismatches") and config.data.on_bad_input == "strict":
       out += source.size_mismatches()
-  return out
+  return out, sources
 
 
 def _structure(config) -> list[str]:
@@ -246,6 +254,81 @@ def _files(config, stages) -> list[str]:
   if config.data.tfds_dir and not os.path.isdir(config.data.tfds_dir):
     out.append(f"data.tfds_dir={config.data.tfds_dir}: no such folder (python -m cpal_jax.data.tfds_pack writes it)")
   return out
+
+
+def _abstract(make, config, side: int):
+  """A model's variables as shapes (jax.eval_shape of its init: nothing computed)."""
+  dummy = jax.ShapeDtypeStruct((1, side, side, 3), jax.numpy.float32)
+  return jax.eval_shape(make(config).init, jax.random.key(0), dummy)
+
+
+def _weights(config, stages) -> list[str]:
+  """Each weight file the stages load against the model it loads into, from the files' headers and
+  the model's abstract init (no weights read, nothing compiled)."""
+  from cpal_jax.models import cam_net, deeplab, irn, pretrained
+
+  uses = [  # key, stage, model, input side, prefix, whole network
+      ("model.pretrained", "train_cam", cam_net.from_config, config.train.crop_size, "backbone", False),
+      ("cam.weights", "make_cam", cam_net.from_config, config.train.crop_size, "", True),
+  ]
+  if config.refine.mode == "irn":
+    uses.append(("refine.irn.pretrained", "refine", irn.from_config, config.refine.irn.crop_size, "backbone", False))
+  if not config.seg.init_from_cam:
+    uses.append(("seg.pretrained", "train_seg", deeplab.from_config, config.seg.crop_size, "backbone", False))
+  out = []
+  for key, stage, make, side, prefix, whole in uses:
+    path = _get(config, key)
+    if not path or stage not in stages:
+      continue
+    try:
+      found = pretrained.mismatches(_abstract(make, config, side), path, prefix, whole)
+    except Exception as e:  # pylint: disable=broad-except
+      found = [f"{path}: not a readable weight file ({type(e).__name__}: {e})"]
+    out += [f"{key}={m}" for m in found[:3]]
+    if len(found) > 3:
+      out.append(f"{key}={path}: and {len(found) - 3} more tensors that do not fit")
+  return out
+
+
+# Bytes per image pixel of what the per-image stages write, measured on the synthetic default (1,600
+# images of 96x96, seed 0): make_cam's compressed float16 maps 3.8 (about 2.5 channels), each set of
+# PNG labels 0.5 (refine writes up to three: CRF labels, IR labels, masks).
+_MAP_BYTES_PER_PIXEL = 4.0
+_NPY_BYTES_PER_PIXEL = 20.0  # cam.write_npy: float32 high_res and IS_CAM, about 2.5 channels each
+_PNG_BYTES_PER_PIXEL = 0.5
+_IMAGE_PIXELS = {"voc": 500 * 375, "coco": 640 * 480}  # the datasets' usual (largest common) image
+
+
+def _disk(config, stages, workdir: str, num_images: int) -> list[str]:
+  """The run's outputs against the free space of the workdir's volume: maps and labels of every
+  image of the CAM split, and the checkpoints of each stage that trains (each stage checks its own
+  share again when it starts)."""
+  from cpal_jax import diskspace
+  from cpal_jax.models import cam_net, deeplab, irn
+
+  pixels = num_images * _IMAGE_PIXELS.get(config.data.name, config.data.get("image_size", 0) ** 2)
+  need = 0.0
+  if "make_cam" in stages and not paths.populated(paths.cam_maps(workdir)):
+    need += pixels * (_MAP_BYTES_PER_PIXEL + (_NPY_BYTES_PER_PIXEL if config.cam.write_npy else 0))
+  if "refine" in stages:
+    need += pixels * _PNG_BYTES_PER_PIXEL * {"irn": 3, "ir_label": 2}.get(config.refine.mode, 1)
+  if "export" in stages:
+    need += pixels * _PNG_BYTES_PER_PIXEL
+  trainers = [("train_cam", cam_net.from_config, config.train), ("train_seg", deeplab.from_config, config.seg)]
+  if config.refine.mode == "irn":
+    trainers.append(("refine", irn.from_config, config.refine.irn))
+  for stage, make, section in trainers:
+    if stage in stages:
+      params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(_abstract(make, config, 64)))
+      need += 2 * params * (section.get("ckpt_keep", 2) + 1)  # parameters and SGD's momentum
+  free = diskspace.free_bytes(os.path.abspath(workdir))
+  if need * diskspace.MARGIN <= free:
+    return []
+  return [
+      f"--workdir={workdir}: the run writes about {diskspace.human(need * diskspace.MARGIN)} "
+      f"({num_images} images' maps and labels, checkpoints), {diskspace.human(free)} free there; "
+      "free some space or point --workdir at a larger volume"
+  ]
 
 
 def _stage_order(config, stages, workdir) -> list[str]:

@@ -124,6 +124,55 @@ def test_command_line_reports_all_problems_in_seconds_and_writes_nothing(tmp_pat
   assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before
 
 
+ASSET = REPO / "cpal_jax" / "assets" / "procnet_resnet_tiny.npz"
+
+
+def test_weight_files_are_checked_against_the_model_from_their_headers(tmp_path):
+  import numpy as np
+  from safetensors.numpy import save_file
+
+  from cpal_jax.models import pretrained
+
+  c = synthetic_config.get_config()
+  assert Path(c.model.pretrained) == ASSET
+  # The shipped backbone fits; its header shapes are the tensors' shapes (.npz and .safetensors).
+  flat = pretrained.read_flat(str(ASSET))
+  assert pretrained.file_shapes(str(ASSET)) == {k: v.shape for k, v in flat.items()}
+  save_file(flat, str(tmp_path / "w.safetensors"))
+  assert pretrained.file_shapes(str(tmp_path / "w.safetensors")) == pretrained.file_shapes(str(ASSET))
+  # Another backbone's weights: every stage that loads them says so, at most 4 lines each.
+  small = with_(c, **{"model.backbone": "resnet_small", "refine.irn.backbone": "resnet_small"})
+  found = preflight.problems(small, ALL, str(tmp_path))
+  assert any(f.startswith(f"model.pretrained={ASSET}: 'params/") and "the model expects" in f for f in found), found
+  assert any(f.startswith("refine.irn.pretrained=") for f in found), found
+  assert sum(f.startswith("model.pretrained=") for f in found) <= 4
+  # A backbone where a whole network is needed; a file that is not a weight file.
+  whole = preflight.problems(with_(c, **{"cam.weights": str(ASSET)}), ["make_cam"], str(tmp_path))
+  assert len(whole) == 1 and "holds 85 of the network's" in whole[0] and "not a backbone" in whole[0], whole
+  (tmp_path / "bad.npz").write_text("not a zip")
+  bad = preflight.problems(with_(c, **{"seg.pretrained": str(tmp_path / "bad.npz")}), ALL, str(tmp_path))
+  assert bad == [f"seg.pretrained={tmp_path / 'bad.npz'}: not a readable weight file (BadZipFile: File is not a zip file)"]
+  # A tensor the model has not.
+  np.savez(tmp_path / "extra.npz", **{"params/layer9_0/conv1/kernel": np.zeros((3, 3, 1, 1), np.float32)})
+  extra = preflight.problems(with_(c, **{"model.pretrained": str(tmp_path / "extra.npz")}), ["train_cam"], str(tmp_path))
+  assert len(extra) == 1 and "has no place in the model" in extra[0], extra
+
+
+def test_free_disk_is_checked_against_what_the_run_writes(tmp_path, monkeypatch):
+  from cpal_jax import diskspace
+
+  c = synthetic_config.get_config()
+  assert preflight.problems(c, ALL, str(tmp_path)) == []
+  monkeypatch.setattr(diskspace, "free_bytes", lambda path: 10 * 2**20)  # 10 MB
+  found = preflight.problems(c, ALL, str(tmp_path / "run"))
+  assert len(found) == 1 and found[0].startswith(f"--workdir={tmp_path / 'run'}: the run writes about "), found
+  assert "1600 images' maps and labels" in found[0] and "10.0 MB free there" in found[0]
+  # Evaluation alone writes nothing of that size.
+  (tmp_path / "run" / "cam" / "maps").mkdir(parents=True)
+  (tmp_path / "run" / "cam" / "maps" / "x.npz").write_bytes(b"")
+  assert preflight.problems(c, ["eval_cam"], str(tmp_path / "run")) == []
+
+
 def test_voc_tree_problems_are_found_from_headers(tmp_path):
   """Missing files and a mask of another size in the real VOC sample, found before any stage."""
   import shutil
@@ -163,6 +212,7 @@ CLI_EXTRA = [
     (["--config.train.bogus_key=3"], "bogus_key"),
     (["--config=voc"], "data.root is empty"),
     (["--config=voc", "--config.data.root=/no/voc"], "data.root=/no/voc: no such folder"),
+    (["--config.model.backbone=resnet_small"], "model.pretrained="),
 ]
 
 
