@@ -242,7 +242,7 @@ def test_cam_weights_refuses_a_backbone_and_cpal_without_a_bank(converted, tmp_p
     cli.run(_config(tmp_path / "VOC2012", d / "sipe.npz", method="cpal"), str(tmp_path / "cpal"))
   flat = dict(np.load(d / "sipe.npz"))
   np.savez(tmp_path / "backbone.npz", **{k: v for k, v in flat.items() if "/backbone/" in k})
-  with pytest.raises(ValueError, match="must be a whole network"):
+  with pytest.raises(ValueError, match="a whole network is needed"):
     cli.run(_config(tmp_path / "VOC2012", tmp_path / "backbone.npz"), str(tmp_path / "bb"))
 
 

@@ -70,7 +70,7 @@ def load_weights(config, mesh, path: str):
     have = {k.split("/")[1] for k in flat if "/" in k}
     raise ValueError(
         f"cam.weights={path} holds {n} of the CAM network's {expected} tensors (modules {sorted(have)}); "
-        "it must be a whole network (python -m cpal_jax.convert_weights of a SIPE checkpoint), not a backbone"
+        "a whole network is needed (python -m cpal_jax.convert_weights of a SIPE checkpoint), not a backbone"
     )
   log.info("read the CAM network from %s (%d tensors)", path, n)
   variables = jax.device_put(variables, sharding.replicated(mesh))
