@@ -31,7 +31,7 @@ def parse_stages(spec: str) -> list[str]:
 
 def run(config, workdir: str) -> dict:
   """Runs config.stages on workdir; returns the merged summary."""
-  from cpal_jax import run_record
+  from cpal_jax.data import pipeline
   from cpal_jax.eval import seed as seed_eval
   from cpal_jax.eval import seg as seg_eval
   from cpal_jax.infer import cam as make_cam
@@ -39,7 +39,6 @@ def run(config, workdir: str) -> dict:
   from cpal_jax.parallel import distributed
   from cpal_jax.refine import stage as refine
   from cpal_jax.train import cam as cam_stage
-  from cpal_jax.train import loop
   from cpal_jax.train import seg as seg_stage
 
   runners = {
@@ -54,6 +53,15 @@ def run(config, workdir: str) -> dict:
 
   stages = parse_stages(config.stages)
   distributed.initialize(config)
+  with pipeline.shared_sources():
+    return _run(config, workdir, stages, runners)
+
+
+def _run(config, workdir: str, stages: list[str], runners: dict) -> dict:
+  from cpal_jax import run_record
+  from cpal_jax.parallel import distributed
+  from cpal_jax.train import loop
+
   preflight.check(config, stages, workdir)
   if config.get("dry_run", False):
     print(dry_run(config, workdir, stages))

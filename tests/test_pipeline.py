@@ -71,3 +71,28 @@ def test_batch_larger_than_the_data_is_an_error():
   config = tiny_config(**{"train.batch_size": 64})
   with pytest.raises(ValueError, match="batch_size"):
     pipeline.make_schedule(config.train, 32)
+
+
+def test_a_run_builds_each_split_source_once(monkeypatch, tmp_path):
+  """Preflight, the resume checks and the stages share one source per split inside stages.run; a
+  source built outside a run is built afresh (a data tree changed in between is seen)."""
+  import synthetic as synthetic_config
+
+  from cpal_jax import stages
+
+  built = []
+  build = pipeline._build_source
+  monkeypatch.setattr(pipeline, "_build_source", lambda c, split, mask: built.append((split, mask)) or build(c, split, mask))
+  config = synthetic_config.get_config("smoke")
+  with config.unlocked():
+    config.dry_run = True
+  stages.run(config, str(tmp_path / "run"))
+  assert built and len(built) == len(set(built)), built
+  assert pipeline._SHARED is None
+  first = pipeline.make_source(config, "train")
+  assert pipeline.make_source(config, "train") is not first
+  with pipeline.shared_sources():
+    assert pipeline.make_source(config, "train") is pipeline.make_source(config, "train")
+    with config.unlocked():
+      config.seed = 1  # another draw of the synthetic data
+    assert pipeline.make_source(config, "train").seed != first.seed

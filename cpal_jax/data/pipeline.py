@@ -4,6 +4,7 @@ Every process reads only its slice of each global batch; batches stay uint8 on t
 normalised on the device. No jax import here: grain worker processes import this module.
 """
 
+import contextlib
 import dataclasses
 
 import grain
@@ -12,8 +13,35 @@ import numpy as np
 from cpal_jax.data import transforms
 
 
+# make_source's memory inside shared_sources(); None outside it.
+_SHARED: dict | None = None
+
+
+@contextlib.contextmanager
+def shared_sources():
+  """Within it, make_source returns the source it built before for the same data config, seed, split
+  and mask flag, so one run's preflight, resume checks and stages list a split, read its label
+  tables and check its files once (COCO's instances file alone is hundreds of MB)."""
+  global _SHARED
+  outer = _SHARED
+  _SHARED = {} if outer is None else outer
+  try:
+    yield
+  finally:
+    _SHARED = outer
+
+
 def make_source(config, split: str, with_mask: bool = False):
   """The random-access source of `split` for config.data.name."""
+  if _SHARED is None:
+    return _build_source(config, split, with_mask)
+  key = (config.data.to_json(sort_keys=True), config.seed, split, with_mask)
+  if key not in _SHARED:
+    _SHARED[key] = _build_source(config, split, with_mask)
+  return _SHARED[key]
+
+
+def _build_source(config, split: str, with_mask: bool):
   d = config.data
   on_bad_input = d.get("on_bad_input", "strict")
   if on_bad_input not in ("strict", "skip"):
