@@ -44,6 +44,12 @@ def hierarchical_feature(sides: list[jnp.ndarray], size: tuple[int, int], resize
   return jnp.concatenate([resize(l2_normalize(s), size) for s in sides], axis=-1)
 
 
+# Rows of the [hw, hw] feature affinity computed at a time in structure_seeds: one block is
+# SEED_BLOCK x hw floats (48 MB for a 500x375 image at scale 2.0 and OS8, 11,750 positions, where
+# the whole matrix is 0.55 GB per view).
+SEED_BLOCK = 1024
+
+
 def structure_seeds(norm_cam: jnp.ndarray, feature: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
   """Structure-aware seeds (`get_seed`): one-hot argmax of a soft IoU between each pixel's feature
   affinity row and each class map; background IoU halved. No gradient.
@@ -55,14 +61,33 @@ def structure_seeds(norm_cam: jnp.ndarray, feature: jnp.ndarray, mask: jnp.ndarr
   feature = jax.lax.stop_gradient(feature)
   b, h, w, c = norm_cam.shape
   f = l2_normalize(feature.reshape(b, h * w, -1))
-  corr = jax.nn.relu(jnp.einsum("bid,bjd->bij", f, f))  # [B, hw, hw]
   cams = norm_cam.reshape(b, h * w, c)
-  inter = jnp.einsum("bij,bjc->bic", corr, cams)
-  union = corr.sum(-1, keepdims=True) + cams.sum(1, keepdims=True) - inter
+  inter, rows = _affinity_products(f, cams)
+  union = rows + cams.sum(1, keepdims=True) - inter
   iou = inter / union
   iou = iou.at[..., 0].multiply(0.5)
   seeds = jax.nn.one_hot(jnp.argmax(iou, axis=-1), c, dtype=norm_cam.dtype).reshape(b, h, w, c)
   return seeds * mask
+
+
+def _affinity_products(f: jnp.ndarray, cams: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """With corr = ReLU(f f^T) [B, hw, hw]: (corr @ cams [B, hw, C], corr's row sums [B, hw, 1]),
+  SEED_BLOCK rows of corr at a time when hw is larger (never the whole matrix)."""
+  n = f.shape[1]
+  if n <= SEED_BLOCK:
+    corr = jax.nn.relu(jnp.einsum("bid,bjd->bij", f, f))
+    return jnp.einsum("bij,bjc->bic", corr, cams), corr.sum(-1, keepdims=True)
+  blocks = -(-n // SEED_BLOCK)
+  rows = jnp.pad(f, ((0, 0), (0, blocks * SEED_BLOCK - n), (0, 0)))
+  rows = rows.reshape(f.shape[0], blocks, SEED_BLOCK, f.shape[2]).transpose(1, 0, 2, 3)
+
+  def block(fi):
+    corr = jax.nn.relu(jnp.einsum("bid,bjd->bij", fi, f))
+    return jnp.einsum("bij,bjc->bic", corr, cams), corr.sum(-1, keepdims=True)
+
+  inter, sums = jax.lax.map(block, rows)  # [blocks, B, SEED_BLOCK, .]
+  unblock = lambda x: x.transpose(1, 0, 2, 3).reshape(f.shape[0], blocks * SEED_BLOCK, -1)[:, :n]
+  return unblock(inter), unblock(sums)
 
 
 def class_prototypes(seeds: jnp.ndarray, feature: jnp.ndarray) -> jnp.ndarray:
