@@ -21,6 +21,7 @@ import sys
 import time
 
 import md_table  # bench/md_table.py, beside this script
+import xla_cpu
 
 
 def parse_args(argv=None):
@@ -60,12 +61,7 @@ def median_time(fn, repeats):
 
 def main(argv=None):
   args = parse_args(argv)
-  # Must precede the jax import: XLA reads its thread pool size once.
-  os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "")
-      + f" --xla_cpu_multi_thread_eigen={str(args.threads > 1).lower()}"
-      + f" intra_op_parallelism_threads={args.threads}"
-  )
+  xla_cpu.limit_threads(args.threads)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
   import jax.numpy as jnp

@@ -34,6 +34,7 @@ import sys
 import time
 
 import md_table  # bench/md_table.py, beside this script
+import xla_cpu
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -180,12 +181,7 @@ def mb(x) -> str:
 
 def main(argv=None):
   args = parse_args(argv)
-  # Must precede the jax import: XLA reads its thread pool size once.
-  os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "")
-      + f" --xla_cpu_multi_thread_eigen={str(args.threads > 1).lower()}"
-      + f" intra_op_parallelism_threads={args.threads}"
-  )
+  xla_cpu.limit_threads(args.threads)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   if args.worker:
     print(json.dumps(worker(args)))
