@@ -85,6 +85,20 @@ def sum_over_processes(x: np.ndarray) -> np.ndarray:
   return (hi * 2**31 + lo).astype(x.dtype)
 
 
+def fetch(tree):
+  """device_get that also reads arrays spanning other processes' devices (CPAL's bank, sharded over
+  the global mesh): those are gathered, a collective, so every process must call it together."""
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils
+
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+
+  return jax.tree.map(one, tree)
+
+
 def leave_on_failure(code) -> None:
   """Ends this process at once with `code` when it fails in a multi-process run. A normal exit
   would first wait (up to 5 minutes) at JAX's shutdown barrier for the other processes, which are
