@@ -236,7 +236,7 @@ def evaluate(config, workdir: str) -> dict:
   info = {
       "split": split,
       "images": len(source),
-      "predicted": len(todo),
+      "predicted": int(distributed.sum_over_processes(np.array([len(todo)]))[0]),  # every process's
       "checkpoint_step": step,
       "scales": list(ev.scales),
       "flip": bool(ev.flip),

@@ -87,7 +87,7 @@ def run(config, workdir: str) -> dict:
   result["export"] = {
       "split": split,
       "images": len(ids),
-      "written": len(todo),
+      "written": int(distributed.sum_over_processes(np.array([len(todo)]))[0]),  # every process's
       "source": config.export.source,
       "seconds": round(time.time() - t0, 1),
   }
