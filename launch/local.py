@@ -13,6 +13,7 @@ a peer blocked in a collective with the dead process never returns by itself) an
 with the first failure's status: its exit code (75, a preempted run's "run me again", stays 75), or
 128 + the signal number. SIGTERM/SIGINT to the launcher are passed on as SIGTERM to every process
 (the training loops checkpoint at a step all of them agree on and exit 75); a second one kills them.
+LOCAL_LAUNCH_MODULE runs another module than cpal_jax.main with the same flags (the tests' stand-in).
 """
 
 import os
@@ -51,7 +52,7 @@ def commands(n: int, m: int, flags: list[str], port: int) -> list[tuple[list[str
   env["PYTHONUNBUFFERED"] = "1"  # lines reach the prefixing reader as they are printed
   out = []
   for i in range(n):
-    argv = [sys.executable, "-m", "cpal_jax.main", *flags]
+    argv = [sys.executable, "-m", os.environ.get("LOCAL_LAUNCH_MODULE", "cpal_jax.main"), *flags]
     argv += [
         "--config.distributed.initialize=true",
         f"--config.distributed.coordinator=127.0.0.1:{port}",
