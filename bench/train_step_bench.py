@@ -35,6 +35,7 @@ def parse_args():
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--backbone", default="resnet50")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model.compute_dtype")
   p.add_argument("--methods", default="sipe,cpal")
   p.add_argument("--torch-ref", default=TORCH_REF, help="path to torch_ref.py; empty to skip")
   p.add_argument("--peak-json", default=None)
@@ -57,6 +58,7 @@ def jax_step(method: str, args) -> dict:
   c = voc.get_config()
   c.method.name = method
   c.model.backbone = args.backbone
+  c.model.compute_dtype = getattr(args, "dtype", "float32")
   c.train.batch_size = args.batch
   c.train.crop_size = args.size
   c.train.num_steps = 3305
@@ -97,7 +99,7 @@ def jax_step(method: str, args) -> dict:
     times.append(time.perf_counter() - t0)
   med = statistics.median(times)
   return {
-      "impl": f"jax {method}",
+      "impl": f"jax {method}" + ("" if c.model.compute_dtype == "float32" else f" {c.model.compute_dtype}"),
       "step_s": med,
       "images_per_s": args.batch / med,
       "gflop_per_step": flops / 1e9,

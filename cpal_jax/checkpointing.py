@@ -6,22 +6,37 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
 class Checkpointer:
+  """local=False (training): every process takes part in each call, saves and restores together
+  (orbax synchronises them). local=True: for reading, this process alone, without waiting for the
+  others: inference restoring onto its own devices, and the checks that read a step or the meta."""
 
-  def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 2, async_save: bool = True, local: bool = False):
     self.directory = os.path.abspath(directory)
-    self._mngr = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
-        ),
-    )
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    if local:
+      me = jax.process_index()
+      # Not read_only=True, which logs two warnings per manager; nothing here saves or deletes.
+      options = ocp.CheckpointManagerOptions(
+          create=False,
+          enable_async_checkpointing=False,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"local{me}"
+          ),
+      )
+    self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether a SIGTERM reached any process and every process has agreed to stop after `step`
+    (JAX's preemption sync point: the multi-process loops save there, all at the same step)."""
+    return self._mngr.reached_preemption(step)
 
   def save(self, step: int, state, data_iter, meta: dict) -> None:
     args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
@@ -50,12 +65,16 @@ class Checkpointer:
 def restore_raw_state(directory: str) -> dict:
   """The newest finished checkpoint's state as saved (nested dicts of arrays), without the model
   that made it: for reading another stage's parameters."""
-  ckpt = Checkpointer(directory, async_save=False)
+  ckpt = Checkpointer(directory, local=True)
   try:
     step = ckpt.latest_step()
     if step is None:
       raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    return ckpt._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    # As host arrays: the saved shardings may name other processes' devices.
+    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(ckpt.directory, str(step), "state")).item_metadata.tree
+    to_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    args = ocp.args.PyTreeRestore(restore_args=to_numpy)
+    return ckpt._mngr.restore(step, args=ocp.args.Composite(state=args))["state"]  # pylint: disable=protected-access
   finally:
     ckpt.close()
 
@@ -66,7 +85,7 @@ def restore_parts(directory: str, step: int, parts: dict) -> dict:
   optimiser state or anything else training kept."""
   item = jax.tree.map(ocp.utils.to_shape_dtype_struct, parts)
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
-  ckpt = Checkpointer(directory, async_save=False)
+  ckpt = Checkpointer(directory, local=True)
   try:
     args = ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
     return ckpt._mngr.restore(step, args=ocp.args.Composite(state=args))["state"]  # pylint: disable=protected-access
@@ -90,7 +109,7 @@ def latest_step(directory: str) -> int | None:
   """The newest finished checkpoint's step, or None (without creating the folder)."""
   if not os.path.isdir(directory):
     return None
-  ckpt = Checkpointer(directory, async_save=False)
+  ckpt = Checkpointer(directory, local=True)
   try:
     return ckpt.latest_step()
   finally:

@@ -193,6 +193,11 @@ def base() -> ml_collections.ConfigDict:
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # call jax.distributed.initialize() (TPU pods, multi-host GPU)
+  # host:port of process 0's coordinator, with distributed.initialize (launch/local.sh: 127.0.0.1:<free
+  # port>); empty = JAX finds it (TPU pod metadata, SLURM, ...).
+  c.distributed.coordinator = ""
+  c.distributed.num_processes = 0  # processes in the job; 0 = JAX finds it (with distributed.initialize)
+  c.distributed.process_id = -1  # this process's index 0..num_processes-1; -1 = JAX finds it
   c.distributed.expect_processes = 0  # >0: assert the process count
   c.distributed.expect_devices = 0  # >0: assert the global device count
   return c

@@ -9,6 +9,8 @@ Every stage reads only what earlier stages wrote to the workdir, so any suffix c
 """
 
 import os
+import sys
+import traceback
 
 from absl import app, flags
 
@@ -31,7 +33,28 @@ def cli() -> None:
     with command.user_errors_in_one_line(config.get("debug", False)), stages.exit_on_preemption():
       stages.run(config, workdir_flag.value or config.workdir or os.path.join("runs", "default"))
 
-  command.run(main, __doc__)
+  try:
+    command.run(main, __doc__)
+  except SystemExit as e:
+    if _one_of_several():
+      _distributed().leave_on_failure(e.code)
+    raise
+  except BaseException:
+    if _one_of_several():
+      traceback.print_exc()
+      _distributed().leave_on_failure(1)
+    raise
+
+
+def _one_of_several() -> bool:
+  # Only a run that got as far as JAX can have initialised the distributed runtime.
+  return "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized()
+
+
+def _distributed():
+  from cpal_jax.parallel import distributed
+
+  return distributed
 
 
 if __name__ == "__main__":

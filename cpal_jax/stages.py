@@ -88,6 +88,8 @@ def _run(config, workdir: str, stages: list[str], runners: dict) -> dict:
       log.info("stage %d/%d %s -> %s", k, len(stages), stage, workdir)
       with signals_stop(lambda: current[0]):
         updates = runners[stage](config, workdir)
+      # The next stage, and process 0's record of this one, read what every process wrote.
+      distributed.barrier(f"stage {stage} finished")
       updates["stage_seconds"] = {stage: round(time.time() - t0, 1)}
       outputs = stage_outputs(config, workdir, stage)
       summary = run_record.record(workdir, STAGES.index(stage), stage, outputs, updates)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -146,3 +147,64 @@ def test_tpu_pod_commands(tmp_path, exists):
   (log_file,) = os.listdir(log_dir)
   assert log_file.startswith("pod-") and log_file.endswith(".log")
   assert "running on every worker of pod" in res.stdout
+
+
+# launch/local.sh against a stand-in for cpal_jax.main (LOCAL_LAUNCH_MODULE): what each process
+# does is set per process id in $FAKE_PLAN, "<exit code>[:<seconds first>]" or "kill" (SIGKILL).
+FAKE_MAIN = """
+import os, signal, sys, time
+flags = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+i = int(flags["--config.distributed.process_id"])
+print(f"hello from {i} of {flags['--config.distributed.num_processes']} at "
+      f"{flags['--config.distributed.coordinator']} xla={os.environ['XLA_FLAGS']} {os.environ['JAX_PLATFORMS']}")
+print("flags", " ".join(a for a in sys.argv[1:] if not a.startswith("--config.distributed.")))
+plan = os.environ["FAKE_PLAN"].split(",")[i]
+if plan == "kill":
+  os.kill(os.getpid(), signal.SIGKILL)
+code, _, wait = plan.partition(":")
+time.sleep(float(wait or 0))
+sys.exit(int(code))
+"""
+
+
+def local(tmp_path, plan: str, *flags):
+  (tmp_path / "fake_main.py").write_text(FAKE_MAIN)
+  env = {**os.environ, "LOCAL_LAUNCH_MODULE": "fake_main", "FAKE_PLAN": plan, "LOCAL_LAUNCH_GRACE": "1"}
+  env["PYTHON"] = sys.executable
+  env["PYTHONPATH"] = str(tmp_path)
+  t0 = time.time()
+  res = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "local.sh"), *flags], cwd=tmp_path, env=env, capture_output=True,
+      text=True, timeout=120,
+  )
+  return res, time.time() - t0
+
+
+def test_local_runs_every_process_with_its_id_and_prefixes_its_lines(tmp_path):
+  res, _ = local(tmp_path, "0,0,0", "3", "2", "--", *FLAGS)
+  assert res.returncode == 0, res.stdout + res.stderr
+  for i in range(3):
+    line = next(l for l in res.stdout.splitlines() if l.startswith(f"[p{i}] hello"))
+    assert f"hello from {i} of 3 at 127.0.0.1:" in line
+    assert "xla=--xla_force_host_platform_device_count=2 cpu" in line
+    # The flags reach every process as given (spaces and shell metacharacters included).
+    assert f"[p{i}] flags {' '.join(FLAGS)}" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "plan, status",
+    [("0:30,3", 3), ("0:30,kill", 137), ("75:0.2,75", 75)],
+    ids=["error", "killed", "preempted"],
+)
+def test_local_stops_the_others_with_the_first_failures_status(tmp_path, plan, status):
+  res, took = local(tmp_path, plan, "2", "1")
+  assert res.returncode == status, res.stdout + res.stderr
+  assert f"[launch] process 1 exited with status {status}: stopping the others" in res.stdout
+  assert took < 20, f"{took:.0f} s: process 0 (30 s of sleep) was not stopped"
+
+
+@pytest.mark.parametrize("args", [[], ["2"], ["two", "2"], ["0", "2"]])
+def test_local_usage(tmp_path, args):
+  res, _ = local(tmp_path, "0", *args)
+  assert res.returncode == 2
+  assert "N M" in res.stderr or "usage: launch/local.sh" in res.stderr

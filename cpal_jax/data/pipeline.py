@@ -129,8 +129,10 @@ def train_dataset(
 ):
   """Shuffled (a new order each epoch), augmented, batched; this process's share of each batch.
 
-  Element k of the repeated, shuffled stream belongs to global batch k // B; process p takes
-  elements p, p+P, ... so the union over processes is exactly the single-process batch.
+  Element k of the repeated, shuffled stream belongs to global batch k // B; process p takes the
+  p-th of P equal blocks of each batch, so the processes' slices, put together in process order as
+  make_array_from_process_local_data does, are the single-process batch in its order (CPAL's banks
+  are FIFO: the order of a batch's prototypes decides which entries a full bank keeps, and where).
   augment: a grain RandomMapTransform (default: the CAM stage's); batch_key names the batch size
   in errors. The IRN and DeepLab stages deal their batches through here with their own augment.
   """
@@ -142,8 +144,24 @@ def train_dataset(
   shuffled = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat(epochs)
   stream = _DropLast(shuffled, len(source), schedule.steps_per_epoch * b)
   ds = grain.MapDataset.source(stream).seed(config.seed + 1).random_map(aug)
-  ds = ds[process_index::process_count]
+  if process_count > 1:
+    ds = grain.MapDataset.source(_ProcessBlock(ds, b, process_index, process_count))
   return ds.batch(b // process_count, drop_remainder=True)
+
+
+class _ProcessBlock:
+  """Process p's block of every global batch of `ds`: position i is element
+  (i // m) * batch + p * m + i % m of `ds`, m = batch // count."""
+
+  def __init__(self, ds, batch: int, index: int, count: int):
+    self._ds, self._batch, self._index, self._m = ds, batch, index, batch // count
+
+  def __len__(self) -> int:
+    return len(self._ds) // self._batch * self._m
+
+  def __getitem__(self, i: int):
+    step, j = divmod(i, self._m)
+    return self._ds[step * self._batch + self._index * self._m + j]
 
 
 class _DropLast:

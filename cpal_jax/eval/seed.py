@@ -8,12 +8,14 @@ are scored on the same pixels so the figure has a floor to be read against.
 
 import time
 
+import jax
 import numpy as np
 
 from cpal_jax import monitor, paths
 from cpal_jax.data import pipeline
 from cpal_jax.eval import miou
 from cpal_jax.infer import cam as infer_cam
+from cpal_jax.parallel import distributed
 
 
 class SeedScorer:
@@ -47,6 +49,12 @@ class SeedScorer:
     self.trivial["all_background"] += miou.confusion(gt, np.zeros_like(gt), self.c)
     fill = fg_keys[0] if len(fg_keys) else 0
     self.trivial["label_fill"] += miou.confusion(gt, np.full_like(gt, fill), self.c)
+
+  def merge_processes(self) -> None:
+    """Every process's matrices summed, on every process (each scored its share of the images)."""
+    self.hist = distributed.sum_over_processes(self.hist)
+    self.conf = distributed.sum_over_processes(self.conf)
+    self.trivial = {k: distributed.sum_over_processes(v) for k, v in self.trivial.items()}
 
   def sweep(self) -> list[np.ndarray]:
     """Confusion matrix at each threshold: foreground where the top score > t, else background."""
@@ -87,8 +95,9 @@ def evaluate(config, workdir: str) -> dict:
   t0 = time.time()
   source = pipeline.make_source(config, config.data.eval_split, with_mask=True)
   scorer = SeedScorer(config.data.num_classes, infer_cam.has_background(config), config.eval.threshold_max)
-  bar = monitor.progress(len(source), "eval_cam")
-  for i in range(len(source)):
+  mine = range(jax.process_index(), len(source), jax.process_count())
+  bar = monitor.progress(len(mine), "eval_cam")
+  for i in mine:
     el = source[i]
     maps = infer_cam.load_maps(paths.cam_map(workdir, el["id"]))
     if maps["high_res"].shape[1:] != el["mask"].shape:
@@ -99,6 +108,7 @@ def evaluate(config, workdir: str) -> dict:
     scorer.add(maps["high_res"], maps["keys"], el["mask"])
     bar.update(1)
   bar.close()
+  scorer.merge_processes()
   result = scorer.result(source.class_names, config.eval.cam_threshold)
   result["eval_cam"] = {
       "images": len(source),

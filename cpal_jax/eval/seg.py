@@ -32,7 +32,7 @@ from cpal_jax import checkpointing, image_ops, monitor, paths, provenance
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.models import deeplab
-from cpal_jax.parallel import sharding
+from cpal_jax.parallel import distributed, sharding
 from cpal_jax.refine import crf
 
 log = logging.getLogger(__name__)
@@ -179,11 +179,13 @@ def _predict(config, workdir: str, source, todo: list[int], out_dirs: list[str])
 
 
 def _score(config, source, out_dirs: list[str]) -> list[np.ndarray]:
-  """One confusion matrix per prediction folder, over every image of the split."""
+  """One confusion matrix per prediction folder, over every image of the split (each process scores
+  its share; the matrices are summed)."""
   c = config.data.num_classes
   confs = [np.zeros((c, c), np.int64) for _ in out_dirs]
-  bar = monitor.progress(len(source), "eval_seg/score")
-  for i in range(len(source)):
+  mine = range(jax.process_index(), len(source), jax.process_count())
+  bar = monitor.progress(len(mine), "eval_seg/score")
+  for i in mine:
     el = source[i]
     for conf, d in zip(confs, out_dirs):
       path = os.path.join(d, f"{el['id']}.png")
@@ -199,7 +201,7 @@ def _score(config, source, out_dirs: list[str]) -> list[np.ndarray]:
       conf += miou.confusion(el["mask"], pred, c)
     bar.update(1)
   bar.close()
-  return confs
+  return [distributed.sum_over_processes(conf) for conf in confs]
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -227,17 +229,14 @@ def evaluate(config, workdir: str) -> dict:
   if todo:
     _predict(config, workdir, source, todo, out_dirs)
   t_pred = time.time() - t_pred
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("eval_seg predictions written")
+  distributed.barrier("eval_seg predictions written")
 
   confs = _score(config, source, out_dirs)
   reps = [miou.report(conf, source.class_names) for conf in confs]
   info = {
       "split": split,
       "images": len(source),
-      "predicted": len(todo),
+      "predicted": int(distributed.sum_over_processes(np.array([len(todo)]))[0]),  # every process's
       "checkpoint_step": step,
       "scales": list(ev.scales),
       "flip": bool(ev.flip),

@@ -38,7 +38,7 @@ from cpal_jax.data import pipeline
 from cpal_jax.infer import network
 from cpal_jax.method import cpal, sipe
 from cpal_jax.models import cam_net
-from cpal_jax.parallel import sharding
+from cpal_jax.parallel import distributed, sharding
 from cpal_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -304,6 +304,8 @@ def run(config, workdir: str) -> dict:
   if record is not None:  # without a network, network.load below names the missing stage
     provenance.check_or_record(*record)
   todo = [i for i in mine if not os.path.exists(paths.cam_map(workdir, ids[i]))]
+  # Counted here, where every process is, not at the end, which a process with nothing to do skips.
+  written = int(distributed.sum_over_processes(np.array([len(todo)]))[0])
   summary = {"make_cam": {"split": split, "images": len(source), "scales": list(config.cam.scales)}}
   if not todo:
     log.info("make_cam: all %d maps of %s exist in %s", len(mine), split, paths.cam_maps(workdir))
@@ -349,5 +351,5 @@ def run(config, workdir: str) -> dict:
       )
     bar.update(len(chunk))
   bar.close()
-  summary["make_cam"].update(checkpoint_step=step, written=len(todo), seconds=round(time.time() - t0, 1))
+  summary["make_cam"].update(checkpoint_step=step, written=written, seconds=round(time.time() - t0, 1))
   return summary

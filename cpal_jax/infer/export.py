@@ -21,6 +21,7 @@ from cpal_jax import diskspace, faults, monitor, paths, run_record
 from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.infer import cam as infer_cam
+from cpal_jax.parallel import distributed
 
 SOURCES = ("refine", "seed")
 
@@ -81,11 +82,12 @@ def run(config, workdir: str) -> dict:
       diskspace.require_like(written, len(todo) - n, f"{len(todo)} pseudo masks")
     bar.update(1)
   bar.close()
+  distributed.barrier("export: masks written")  # scored by whichever process holds the image
   result = score(config, workdir)
   result["export"] = {
       "split": split,
       "images": len(ids),
-      "written": len(todo),
+      "written": int(distributed.sum_over_processes(np.array([len(todo)]))[0]),  # every process's
       "source": config.export.source,
       "seconds": round(time.time() - t0, 1),
   }
@@ -93,10 +95,11 @@ def run(config, workdir: str) -> dict:
 
 
 def score(config, workdir: str) -> dict:
-  """mask_miou of the exported PNGs of data.eval_split (only where the split has ground truth)."""
+  """mask_miou of the exported PNGs of data.eval_split (only where the split has ground truth); each
+  process scores its share of the images, the matrices are summed."""
   source = pipeline.make_source(config, config.data.eval_split, with_mask=True)
   conf = np.zeros((config.data.num_classes,) * 2, np.int64)
-  for i in range(len(source)):
+  for i in range(jax.process_index(), len(source), jax.process_count()):
     el = source[i]
     path = os.path.join(paths.masks(workdir), f"{el['id']}.png")
     if not os.path.exists(path):
@@ -111,7 +114,7 @@ def score(config, workdir: str) -> dict:
           f"{path} is {pred.shape} but the image is {el['mask'].shape}; delete it and re-run export"
       )
     conf += miou.confusion(el["mask"], pred, config.data.num_classes)
-  rep = miou.report(conf, source.class_names)
+  rep = miou.report(distributed.sum_over_processes(conf), source.class_names)
   if jax.process_index() == 0:
     paths.write_text(
         os.path.join(paths.masks(workdir), "eval.json"),

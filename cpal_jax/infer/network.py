@@ -16,6 +16,12 @@ from cpal_jax.parallel import sharding
 log = logging.getLogger(__name__)
 
 
+def class_pad(config) -> int:
+  """CPAL's class axis is padded as train_cam padded it: to the devices of its (global) mesh, of
+  which inference's local mesh is a part when there are several processes."""
+  return sharding.make_mesh(config.mesh.data).shape[sharding.DATA]
+
+
 def spec(config, mesh):
   """(model, {"params", "batch_stats", "extra"} as shapes with their shardings over `mesh`, the
   prototype feature width)."""
@@ -23,8 +29,9 @@ def spec(config, mesh):
   dummy = jnp.zeros((1, config.train.crop_size, config.train.crop_size, 3), jnp.float32)
   shapes = jax.eval_shape(model.init, jax.random.key(config.seed), dummy)
   feat_dim = cam_net.projected_features(config, jax.eval_shape(model.apply, shapes, dummy)).shape[-1]
-  extra = jax.eval_shape(lambda: objectives.init_state(config, feat_dim, mesh.shape[sharding.DATA]))
+  extra = jax.eval_shape(lambda: objectives.init_state(config, feat_dim, class_pad(config)))
   repl = sharding.replicated(mesh)
+  split = all(x.shape[0] % mesh.shape[sharding.DATA] == 0 for x in jax.tree.leaves(extra))
 
   def with_sharding(tree, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
@@ -32,7 +39,9 @@ def spec(config, mesh):
   parts = {
       "params": with_sharding(shapes["params"], jax.tree.map(lambda _: repl, shapes["params"])),
       "batch_stats": with_sharding(shapes["batch_stats"], jax.tree.map(lambda _: repl, shapes["batch_stats"])),
-      "extra": with_sharding(extra, objectives.state_sharding(config, mesh, extra)),
+      "extra": with_sharding(
+          extra, objectives.state_sharding(config, mesh, extra) if split else jax.tree.map(lambda _: repl, extra)
+      ),
   }
   return model, parts, feat_dim
 
@@ -75,7 +84,7 @@ def load_weights(config, mesh, path: str):
   log.info("read the CAM network from %s (%d tensors)", path, n)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   extra = jax.jit(
-      lambda: objectives.init_state(config, feat_dim, mesh.shape[sharding.DATA]),
+      lambda: objectives.init_state(config, feat_dim, class_pad(config)),
       out_shardings=jax.tree.map(lambda s: s.sharding, parts["extra"]),
   )()
   return model, variables, extra, None

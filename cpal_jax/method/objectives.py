@@ -124,11 +124,14 @@ def make_recluster(config, sharding):
 
 
 def bank_fill(extra, num_fg: int) -> dict:
-  """Host-side figures of the bank for logs and the summary (padding rows excluded)."""
+  """Host-side figures of the bank for logs and the summary (padding rows excluded); with several
+  processes a collective: every process calls it."""
   if not isinstance(extra, cpal.CPALState):
     return {}
-  count = jax.device_get(extra.bank.count)[:num_fg]
-  ready = jax.device_get(extra.ready)[:num_fg]
+  from cpal_jax.parallel import distributed
+
+  count, ready = distributed.fetch((extra.bank.count, extra.ready))
+  count, ready = count[:num_fg], ready[:num_fg]
   return {
       "bank/min_fill": float(count.min()),
       "bank/mean_fill": float(count.mean()),

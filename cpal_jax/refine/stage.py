@@ -32,6 +32,7 @@ from cpal_jax.data import palette, pipeline
 from cpal_jax.eval import miou
 from cpal_jax.infer import cam as infer_cam
 from cpal_jax.infer import export
+from cpal_jax.parallel import distributed
 from cpal_jax.refine import crf, irn, random_walk
 from cpal_jax.train import irn as train_irn
 
@@ -89,13 +90,14 @@ def _run_pool(config, fn, jobs, desc: str, total: int) -> None:
 
 
 def _score_dir(config, out_dir: str, source) -> dict:
-  """mIoU of the PNGs in out_dir against `source`'s masks."""
+  """mIoU of the PNGs in out_dir against `source`'s masks (each process scores its share; the
+  matrices are summed)."""
   conf = np.zeros((config.data.num_classes,) * 2, np.int64)
-  for i in range(len(source)):
+  for i in range(jax.process_index(), len(source), jax.process_count()):
     el = source[i]
     pred = palette.load_label_png(os.path.join(out_dir, f"{el['id']}.png"))
     conf += miou.confusion(el["mask"], np.where(pred == miou.IGNORE, 0, pred), config.data.num_classes)
-  return miou.report(conf, source.class_names)
+  return miou.report(distributed.sum_over_processes(conf), source.class_names)
 
 
 def run_crf(config, workdir: str, split: str, source, scored) -> dict:
@@ -109,6 +111,7 @@ def run_crf(config, workdir: str, split: str, source, scored) -> dict:
   ids = source.ids()
   jobs = [(config, workdir, split, i, threshold, os.path.join(out_dir, f"{ids[i]}.png")) for i in todo]
   _run_pool(config, _crf_job, jobs, "refine/crf", len(mine))
+  distributed.barrier("refine: CRF masks written")  # scored here by whichever process holds the image
   rep = _score_dir(config, out_dir, scored)
   return {
       "crf_miou": rep["miou"],
@@ -127,6 +130,7 @@ def make_ir_labels(config, workdir: str, split: str, source) -> None:
       for i in _pending(source, out_dir, mine)
   ]
   _run_pool(config, _ir_label_job, jobs, "refine/ir_label", len(mine))
+  distributed.barrier("refine: IR labels written")  # every process trains IRN on all of them
 
 
 def walk_labels(config, maps: dict, edge: np.ndarray, size: tuple[int, int], bucket: int) -> np.ndarray:

@@ -130,7 +130,7 @@ def check_resume(ckpt_dir: str, meta: dict) -> None:
   step = checkpointing.latest_step(ckpt_dir)
   if step is None:
     return
-  ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
+  ckpt = checkpointing.Checkpointer(ckpt_dir, local=True)
   try:
     checkpointing.check_compatible(ckpt.restore_meta(step), meta, ckpt.directory)
   finally:
