@@ -164,7 +164,11 @@ def stage_outputs(config, workdir: str, stage: str) -> list[str]:
 
 
 def config_hash(config) -> str:
-  return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
+  """What the run computes, hashed: not how it was launched (the distributed section holds a
+  launcher's coordinator port and this process's index, which differ per launch and process)."""
+  fields = json.loads(config.to_json_best_effort())
+  fields.pop("distributed", None)
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_resume(config, workdir: str, stages: list[str]) -> None:

@@ -84,3 +84,10 @@ def test_deleted_outputs_take_their_figures_with_them(tmp_path):
   assert summary["seed_miou"] is None and "make_cam" not in summary and "eval_cam" not in summary
   assert summary["train_cam"]["steps"] == 2
   assert "| `eval_cam` |" not in open(paths.summary_md(workdir)).read()
+
+
+def test_config_hash_names_what_is_computed_not_how_it_was_launched():
+  base = tiny_config()
+  launched = tiny_config(**{"distributed.coordinator": "127.0.0.1:41234", "distributed.process_id": 1})
+  assert cli.config_hash(launched) == cli.config_hash(base)
+  assert cli.config_hash(tiny_config(**{"train.batch_size": 4})) != cli.config_hash(base)
