@@ -9,11 +9,7 @@ import sys
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
-# configs/ of a source checkout (and of an editable install), then the copy an installed package
-# ships as cpal_jax/configs.
-CONFIG_DIRS = (os.path.join(os.path.dirname(_PACKAGE), "configs"), os.path.join(_PACKAGE, "configs"))
-
+from cpal_jax import config_files
 
 def setup_logging() -> None:
   # Our progress lines at INFO; the libraries' (orbax, absl, jax) only when something is wrong.
@@ -27,35 +23,15 @@ def setup_logging() -> None:
   pkg.propagate = False
 
 
-def config_file(value: str) -> str:
-  """The file a --config value names, `:variant` kept: a path as given when it exists (relative to
-  the current folder), else a config shipped with the package by its name (`voc`, `voc.py`,
-  `configs/voc.py` from any folder)."""
-  path, sep, variant = value.partition(":")
-  if os.path.exists(path):
-    return value
-  name = os.path.basename(path)
-  name = name if name.endswith(".py") else f"{name}.py"
-  for d in CONFIG_DIRS:
-    if os.path.isfile(os.path.join(d, name)):
-      return os.path.join(d, name) + sep + variant
-  return value  # ml_collections reports the missing file
-
-
 def _check_variant(value: str) -> None:
   """A missing config file or unknown `:variant` ends the program in one line, before flag parsing
   (which would wrap the config's own error in a traceback)."""
-  import importlib.util
-
   path, _, variant = value.partition(":")
   if not os.path.isfile(path):
-    names = sorted(f[:-3] for d in CONFIG_DIRS if os.path.isdir(d) for f in os.listdir(d) if f.endswith(".py"))
-    print(f"error: --config={value}: no such config file; a path, or one of {', '.join(names)}", file=sys.stderr)
+    names = ", ".join(config_files.shipped())
+    print(f"error: --config={value}: no such config file; a path, or one of {names}", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT_CODE)
-  spec = importlib.util.spec_from_file_location("_config_variants", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  variants = getattr(module, "VARIANTS", ("",))
+  variants = getattr(config_files.module(path), "VARIANTS", ("",))
   if variant not in variants:
     shown = ", ".join(f":{v}" for v in variants if v)
     print(f"error: --config={value}: no variant {variant!r}; this file has {shown or 'none'}", file=sys.stderr)
@@ -67,10 +43,10 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
   out = list(argv)
   for i, arg in enumerate(out):
     if arg.startswith("--config="):
-      out[i] = "--config=" + config_file(arg[len("--config=") :])
+      out[i] = "--config=" + config_files.config_file(arg[len("--config=") :])
       _check_variant(out[i][len("--config=") :])
     elif arg == "--config" and i + 1 < len(out):
-      out[i + 1] = config_file(out[i + 1])
+      out[i + 1] = config_files.config_file(out[i + 1])
       _check_variant(out[i + 1])
   return out
 
@@ -88,7 +64,8 @@ def define_config_flag(help_text: str, default: str = "synthetic.py"):
 
   _PROGRAM.update(default=default, absl=set(flags.FLAGS))
   try:
-    return config_flags.DEFINE_config_file("config", config_file(default), help_text, lock_config=True)
+    default_file = config_files.config_file(default)
+    return config_flags.DEFINE_config_file("config", default_file, help_text, lock_config=True)
   except (AttributeError, KeyError) as e:  # ml_collections meets an unknown --config.<key> here
     name = str(e).strip("'\" ")
     given = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.") and name in a.split("=")[0]]
@@ -106,9 +83,10 @@ def help_text(argv: list[str], doc: str) -> str:
   value = next((a[len("--config=") :] for a in argv if a.startswith("--config=")), None)
   if value is None and "--config" in argv[:-1]:
     value = argv[argv.index("--config") + 1]
-  value = value or config_file(_PROGRAM.get("default", "synthetic.py"))
+  value = value or config_files.config_file(_PROGRAM.get("default", "synthetic.py"))
   lines = [(doc or "").strip(), "", "flags:"]
-  for name in sorted(set(flags.FLAGS) - _PROGRAM.get("absl", set()) - {"config"}, key=lambda n: n != "workdir"):
+  own = set(flags.FLAGS) - _PROGRAM.get("absl", set()) - {"config"}
+  for name in sorted(own, key=lambda n: n != "workdir"):
     flag = flags.FLAGS[name]
     default = "" if flag.default in (None, "") else f" (default: {flag.default_as_str})"
     lines.append(f"  --{name}: {flag.help}{default}")
@@ -117,7 +95,7 @@ def help_text(argv: list[str], doc: str) -> str:
       "  --config.<key>=<value>: set any key below; tuples as (1.0,0.5)",
       "",
       f"config keys, with the values of {value} (docs/config.md compares the shipped configs):",
-      *config_doc.key_lines(config_doc.load(value)),
+      *config_doc.key_lines(config_files.load(value)),
   ]
   return "\n".join(lines)
 

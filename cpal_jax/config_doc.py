@@ -91,19 +91,6 @@ def _show(value) -> str:
   return "`" + (text if len(text) <= 40 else text[:37] + "...") + "`"
 
 
-def load(value: str):
-  """The config a --config value names (`path[:variant]`, or a packaged name such as `voc`)."""
-  import importlib.util
-
-  from cpal_jax import command
-
-  path, _, variant = command.config_file(value).partition(":")
-  spec = importlib.util.spec_from_file_location("_config_doc_" + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
 def _meaning(text: dict, key: str) -> str:
   # A key set inside a dict literal (refine's crf_params) shares its parent's line.
   return first_sentence(text[key] if key in text else text.get(key.rsplit(".", 1)[0], ""))
@@ -123,10 +110,13 @@ def key_lines(config) -> list[str]:
 
 
 def render() -> str:
-  from cpal_jax import defaults
+  from cpal_jax import config_files, defaults
 
   base = _flat(json.loads(defaults.base().to_json()))
-  shipped = {name: _flat(json.loads(load(f"{name}:{variant}" if variant else name).to_json())) for name, variant in _CONFIGS}
+  shipped = {}
+  for name, variant in _CONFIGS:
+    config = config_files.load(f"{name}:{variant}" if variant else name)
+    shipped[name] = _flat(json.loads(config.to_json()))
   text = meanings()
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   lines = [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cpal_jax import command
+from cpal_jax import command, config_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,13 +30,13 @@ def test_pyproject_pins_are_requirements_txt():
 def test_config_names_resolve_from_any_folder(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   voc = str(REPO / "configs" / "voc.py")
-  assert command.config_file("voc") == voc
-  assert command.config_file("voc.py:seg") == voc + ":seg"
-  assert command.config_file("configs/voc.py:seg") == voc + ":seg"  # not here: the shipped one
+  assert config_files.config_file("voc") == voc
+  assert config_files.config_file("voc.py:seg") == voc + ":seg"
+  assert config_files.config_file("configs/voc.py:seg") == voc + ":seg"  # not here: the shipped one
   (tmp_path / "configs").mkdir()
   (tmp_path / "configs" / "voc.py").write_text("")
-  assert command.config_file("configs/voc.py") == "configs/voc.py"  # a local file wins
-  assert command.config_file("nope.py") == "nope.py"  # left for ml_collections to report
+  assert config_files.config_file("configs/voc.py") == "configs/voc.py"  # a local file wins
+  assert config_files.config_file("nope.py") == "nope.py"  # left for ml_collections to report
   argv = command.resolve_config_argv(["prog", "--config=synthetic:smoke", "--config.seed=1"])
   assert argv == ["prog", f"--config={REPO / 'configs' / 'synthetic.py'}:smoke", "--config.seed=1"]
 
@@ -60,7 +60,7 @@ def test_help_lists_every_key_of_the_named_config():
     return r.stdout
 
   voc = helped("--config=voc:seg", "--help")
-  keys = config_doc._flat(config_doc.load("voc:seg").to_dict())
+  keys = config_doc._flat(config_files.load("voc:seg").to_dict())
   listed = {l.split()[0] for l in voc.splitlines() if l.startswith("  ") and not l.lstrip().startswith("-")}
   assert listed >= set(keys)
   seg_lr = next(l for l in voc.splitlines() if l.split()[:1] == ["seg.lr"])

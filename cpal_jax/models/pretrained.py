@@ -81,7 +81,10 @@ def _problem(source: str, key: str, target: str, model_shapes: dict, shape) -> s
         "was it converted for another backbone?"
     )
   if tuple(model_shapes[target]) != tuple(shape):
-    return f"{source}: {key!r} has shape {tuple(shape)}, the model expects {tuple(model_shapes[target])}; converted for another backbone?"
+    return (
+        f"{source}: {key!r} has shape {tuple(shape)}, the model expects {tuple(model_shapes[target])}; "
+        "converted for another backbone?"
+    )
   return None
 
 
