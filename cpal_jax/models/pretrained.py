@@ -62,7 +62,7 @@ def file_shapes(path: str) -> dict[str, tuple[int, ...]]:
   raise ValueError(f"unsupported weight file {path}: use .npz or .safetensors (convert .pth first)")
 
 
-def _placement(model_keys, file_keys, prefix: str):
+def _placement(file_keys, prefix: str):
   """file key -> model key: `prefix` inserted after the collection name, unless the file's keys
   already carry it (a whole network's file, e.g. a converted SIPE model)."""
   if prefix and any(k.split("/")[1:2] == [prefix] for k in file_keys):
@@ -94,10 +94,10 @@ def mismatches(abstract_variables: dict, path: str, prefix: str = "", whole: boo
   tensors the file lacks. [] when it loads."""
   shapes = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(abstract_variables).items()}
   found = file_shapes(path)
-  placed = _placement(shapes, found, prefix)
+  placed = _placement(found, prefix)
   out = [p for k, t in placed.items() if (p := _problem(path, k, t, shapes, found[k]))]
   if whole and out and not prefix:
-    as_backbone = _placement(shapes, found, "backbone")
+    as_backbone = _placement(found, "backbone")
     if not any(_problem(path, k, t, shapes, found[k]) for k, t in as_backbone.items()):
       placed, out = as_backbone, []  # a backbone's file: say what is missing, below
   if whole and not out and len(placed) < len(shapes):
@@ -114,7 +114,7 @@ def load_flat_into(variables: dict, flat_file: dict, source: str, prefix: str = 
   in errors."""
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(jax.device_get(variables)).items()}
   shapes = {k: v.shape for k, v in flat.items()}
-  for key, target in _placement(shapes, flat_file, prefix).items():
+  for key, target in _placement(flat_file, prefix).items():
     problem = _problem(source, key, target, shapes, flat_file[key].shape)
     if problem:
       raise (KeyError if target not in flat else ValueError)(problem)
