@@ -1,8 +1,6 @@
 """Masked k-means against scikit-learn's Lloyd (same initial centres) and a float64 numpy reference.
 
-scikit-learn relocates empty clusters to far points where ours keeps them in place, so the
-sklearn comparisons use data where no cluster empties and the numpy reference covers the rest.
-Both stop once an iteration changes no label (tol=0: strict convergence), and our n_iter counts
+Both relocate an empty cluster to the point farthest from its centre (scikit-learn's rule). Both stop once an iteration changes no label (tol=0: strict convergence), and our n_iter counts
 iterations as scikit-learn's `n_iter_` does (the final no-change iteration included): equal exactly.
 """
 
@@ -39,7 +37,8 @@ def separated(rng, n):
 
 
 def np_lloyd(x, centers, iters, cosine=False):
-  """Reference Lloyd in float64: an empty cluster keeps its centre, ties go to the lowest index."""
+  """Reference Lloyd in float64, ties to the lowest index. An empty cluster takes the point farthest
+  from its centre (the j-th empty cluster the j-th farthest point), as scikit-learn relocates them."""
   x = np.asarray(x, np.float64)
   c = np.array(centers, np.float64)
   if cosine:
@@ -53,6 +52,11 @@ def np_lloyd(x, centers, iters, cosine=False):
 
   for _ in range(iters):
     lab = labels(c)
+    dist = ((x - c[lab]) ** 2).sum(-1)
+    empty = [j for j in range(len(c)) if not (lab == j).any()]
+    far = np.argsort(-dist, kind="stable")[: len(empty)]
+    lab = lab.copy()
+    lab[far] = empty
     for j in range(len(c)):
       if (lab == j).any():
         c[j] = x[lab == j].mean(0)
@@ -100,19 +104,40 @@ def test_garbage_slots_do_not_change_the_result():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_empty_cluster_keeps_its_centre():
+def test_an_empty_cluster_takes_the_farthest_point_as_sklearn_does():
   rng = np.random.default_rng(2)
   real = rng.normal(size=(60, DIM)).astype(np.float32)
   c0 = real[:C].copy()
-  c0[3] = 1000.0  # nearest to no point, ever
-  c0[4] = c0[0]  # exact duplicate: loses every tie to centre 0 at first, may win points later
+  c0[3] = 1000.0  # nearest to no point at first
+  c0[4] = c0[0]  # exact duplicate: loses every tie to centre 0 at first
   centers, sizes, valid, _ = kmeans(ring(real), 60, C, None, iters=ITERS, prev_centers=c0)
   centers = np.asarray(centers)
-  np.testing.assert_array_equal(centers[3], c0[3])
-  assert int(sizes[3]) == 0 and bool(valid[3])
-  ref, ref_labels = np_lloyd(real, c0, ITERS)
-  np.testing.assert_allclose(centers, ref, atol=1e-4)
-  np.testing.assert_array_equal(np.asarray(assign(ring(real), 60, centers))[:60], ref_labels)
+  assert (np.asarray(sizes) > 0).all() and np.asarray(valid).all()
+  ref = KMeans(C, init=c0.astype(np.float64), n_init=1, max_iter=ITERS, tol=0, algorithm="lloyd")
+  ref.fit(real.astype(np.float64))
+  np.testing.assert_allclose(centers, ref.cluster_centers_, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(assign(ring(real), 60, centers))[:60], ref.labels_)
+  ref_centers, ref_labels = np_lloyd(real, c0, ITERS)
+  np.testing.assert_allclose(centers, ref_centers, atol=1e-4)
+
+
+def test_several_empty_clusters_pair_with_the_farthest_points_in_order():
+  rng = np.random.default_rng(22)
+  real = rng.normal(size=(80, DIM)).astype(np.float32)
+  c0 = real[:C].copy()
+  c0[1], c0[3] = 1000.0, -1000.0  # two clusters nearest to no point
+  centers, sizes, _, _ = kmeans(ring(real), 80, C, None, iters=ITERS, prev_centers=c0)
+  ref_centers, ref_labels = np_lloyd(real, c0, ITERS)
+  np.testing.assert_allclose(np.asarray(centers), ref_centers, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(sizes), np.bincount(ref_labels, minlength=C))
+  assert (np.asarray(sizes) > 0).all()
+  # scikit-learn pairs the same points with the same clusters up to argpartition's order: compare the
+  # set of centres.
+  ref = KMeans(C, init=c0.astype(np.float64), n_init=1, max_iter=ITERS, tol=0, algorithm="lloyd").fit(real)
+  key = lambda c: np.lexsort(np.round(np.asarray(c), 3).T)
+  np.testing.assert_allclose(
+      np.asarray(centers)[key(centers)], ref.cluster_centers_[key(ref.cluster_centers_)], atol=1e-4
+  )
 
 
 def test_fewer_points_than_clusters():
@@ -242,7 +267,8 @@ def fixed_lloyd(points, mask, centers, iters, metric):
   """The previous implementation: exactly `iters` Lloyd iterations in a fori_loop, no early stop."""
 
   def step(_, centers):
-    return km._update(points, km._assign(points, mask, centers, metric), centers, metric)
+    labels, dist = km._nearest(points, mask, centers, metric, km._sq_norms(points, metric))
+    return km._update(points, mask, labels, dist, centers, metric)
 
   return jax.lax.fori_loop(0, iters, step, centers)
 
@@ -266,6 +292,7 @@ def test_early_stop_equals_fixed_iterations(data, metric):
   real = separated(rng, count) if data == "separated" else rng.normal(size=(count, DIM)).astype(np.float32)
   if data == "empty_cluster":
     real += 5.0  # every point in one cone around (1, ..., 1): centre 3, opposite, is nearest to none
+    # at first and takes the farthest point
   points = ring(real)
   key = jax.random.key(13)
   c0 = np.array(init_centers(points, count, C, key, metric=metric))
@@ -280,7 +307,7 @@ def test_early_stop_equals_fixed_iterations(data, metric):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert int(early[3]) < FIXED  # these all converge well before 30
   if data == "empty_cluster":
-    assert int(early[1][3]) == 0
+    assert int(early[1][3]) > 0
 
   # And against the old fixed 30-iteration fori loop, from the same init.
   ref_centers, ref_sizes = fixed_kmeans(points, count, C, None, c0, FIXED, metric)

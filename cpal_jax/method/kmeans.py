@@ -14,6 +14,9 @@ The result is therefore identical to running exactly `iters` iterations, which `
 still does (for tests and benchmarks); `n_iter` says how many ran. Under vmap (kmeans_bank) the
 batched loop runs until every class has converged or hit `iters`; converged classes do not change.
 With the class axis sharded this costs one scalar all-reduce (the loop condition) per iteration.
+
+Empty clusters: as scikit-learn does, a cluster left without points takes the point farthest from its
+centre before the means are taken (_relocate), so no prototype stays dead.
 """
 
 import functools
@@ -104,15 +107,48 @@ def init_centers(points, count, num_clusters: int, key, init: str = "kmeans++", 
   return _masked_init(points, mask, num_clusters, key, init)
 
 
+def _sq_norms(points, metric):
+  """|x|^2 per slot, the term _scores drops (1 for the unit vectors of the cosine metric)."""
+  return None if metric == "cosine" else jnp.sum(points * points, axis=-1)
+
+
+def _nearest(points, mask, centers, metric, sq_norms):
+  """Labels [capacity] (-1 for empty slots) and each point's squared distance to its centre (-inf for
+  empty slots), the distance scikit-learn ranks points by when it relocates an empty cluster.
+  sq_norms: _sq_norms(points), computed once per Lloyd run rather than per iteration."""
+  scores = _scores(points, centers, metric)
+  labels = jnp.argmin(scores, axis=0)
+  best = jnp.take_along_axis(scores, labels[None, :], axis=0)[0]
+  dist = 2.0 + 2.0 * best if metric == "cosine" else sq_norms + best  # unit vectors: 2 - 2 x.c
+  return jnp.where(mask, labels, -1), jnp.where(mask, dist, -jnp.inf)
+
+
 def _assign(points, mask, centers, metric):
   labels = jnp.argmin(_scores(points, centers, metric), axis=0)
   return jnp.where(mask, labels, -1)
 
 
-def _update(points, labels, centers, metric):
-  """One M-step: the mean of each cluster's points; an empty cluster keeps its previous centre."""
+def _relocate(labels, dist, mask, num_clusters):
+  """scikit-learn's rule for empty clusters (`_relocate_empty_clusters_dense`): each cluster with no
+  point takes the point farthest from its own centre, the j-th empty cluster (in index order) the j-th
+  farthest point, and that point leaves its cluster. Without it an empty cluster stays empty for
+  good: 5 of 20 classes of a VOC-sized bank ended with a dead prototype."""
+  clusters = jnp.arange(num_clusters)
+  empty = ~jnp.any(labels[None, :] == clusters[:, None], axis=1)  # [C]
+  order = jnp.argsort(-dist)  # stable: equal distances go to the lower slot
+  pick = order[jnp.maximum(jnp.cumsum(empty) - 1, 0)]  # [C] the point each empty cluster would take
+  take = empty & mask[pick]  # a near-empty ring buffer has no far point to give
+  chosen = (jnp.arange(labels.shape[0])[None, :] == pick[:, None]) & take[:, None]  # [C, capacity]
+  return jnp.where(jnp.any(chosen, axis=0), jnp.argmax(chosen, axis=0), labels)
+
+
+def _update(points, mask, labels, dist, centers, metric):
+  """One M-step: the mean of each cluster's points after empty clusters took a far point each
+  (_relocate); a cluster still empty keeps its previous centre."""
   num_clusters = centers.shape[0]
-  # A one-hot matmul rather than segment_sum: as fast on CPU, and TPUs are poor at scatter-add.
+  labels = _relocate(labels, dist, mask, num_clusters)
+  # A one-hot matmul rather than segment_sum: faster on XLA's CPU (10 vs 24 ms on a VOC-sized bank),
+  # and TPUs are poor at scatter-add.
   member = (labels[None, :] == jnp.arange(num_clusters)[:, None]).astype(points.dtype)  # [C, capacity]
   sums = jnp.dot(member, points, precision=_HI)
   sizes = jnp.sum(member, axis=1)[:, None]
@@ -132,21 +168,25 @@ def _lloyd(points, mask, centers, iters, metric, fixed_iters=False):
   centre updates + 1 when converged, capped at `iters`. fixed_iters=True runs all `iters` iterations
   (the extra ones are exact no-ops) and reports the same n_iter.
   """
-  labels = _assign(points, mask, centers, metric)
+  sq_norms = _sq_norms(points, metric)
+  labels, dist = _nearest(points, mask, centers, metric, sq_norms)
 
   def cond(state):
-    it, _, _, changed, _ = state
+    it, _, _, _, changed, _ = state
     return it < iters if fixed_iters else (it < iters) & changed
 
   def body(state):
-    it, centers, labels, changed, updates = state
+    it, centers, labels, dist, changed, updates = state
     # Once nothing changed, keep everything as is: the state is a fixed point by construction.
-    new_centers = jnp.where(changed, _update(points, labels, centers, metric), centers)
-    new_labels = jnp.where(changed, _assign(points, mask, new_centers, metric), labels)
-    return it + 1, new_centers, new_labels, jnp.any(new_labels != labels), updates + changed.astype(jnp.int32)
+    new_centers = jnp.where(changed, _update(points, mask, labels, dist, centers, metric), centers)
+    new_labels, new_dist = _nearest(points, mask, new_centers, metric, sq_norms)
+    new_labels = jnp.where(changed, new_labels, labels)
+    new_dist = jnp.where(changed, new_dist, dist)
+    changed_now = jnp.any(new_labels != labels)
+    return it + 1, new_centers, new_labels, new_dist, changed_now, updates + changed.astype(jnp.int32)
 
-  init = (jnp.int32(0), centers, labels, jnp.bool_(True), jnp.int32(0))
-  _, centers, labels, changed, updates = jax.lax.while_loop(cond, body, init)
+  init = (jnp.int32(0), centers, labels, dist, jnp.bool_(True), jnp.int32(0))
+  _, centers, labels, _, changed, updates = jax.lax.while_loop(cond, body, init)
   n_iter = jnp.minimum(updates + (~changed).astype(jnp.int32), iters)
   return centers, labels, n_iter
 
