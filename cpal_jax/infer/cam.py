@@ -8,7 +8,8 @@ The image-size maps follow each reference's make_cam.py: SIPE's reads (IS-CAM, C
 straight to the image size, IRN's plain CAM to the next multiple of the output stride, then cropped.
 
 Which map is the seed depends on the method: SIPE's IS-CAM and CPAL's PACAM (or CAM + lambda*PACAM)
-carry their own background channel and are max-normalised per scale as SIPE's inference does; the
+carry their own background channel and are summed over scales as the network returns them, then
+max-normalised once, as SIPE's make_cam.py does (cam.scale_norm="per_scale" normalises each scale); the
 plain CAM (cam, ppc, and cpal with seed_map=cam) is ReLU(classifier) without background and without
 per-scale normalisation, as IRN.
 
