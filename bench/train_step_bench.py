@@ -43,8 +43,8 @@ def parse_args():
   return p.parse_args()
 
 
-def jax_step(method: str, args) -> dict:
-  """Median step time and XLA's FLOP count of one method's jitted train step."""
+def build_step(method: str, args):
+  """The compiled train step of one method at the bench's shape, with its state, batch and key."""
   import jax
   import numpy as np
 
@@ -82,19 +82,26 @@ def jax_step(method: str, args) -> dict:
   }
   batch = sharding.global_batch(batch, mesh)
   key = jax.random.key(0)
+  return c, setup.step_fn.lower(state, batch, key).compile(), state, batch, key
+
+
+def jax_step(method: str, args) -> dict:
+  """Median step time and XLA's FLOP count of one method's jitted train step."""
+  import jax
+
   t0 = time.perf_counter()
-  compiled = setup.step_fn.lower(state, batch, key).compile()
+  c, compiled, state, batch, key = build_step(method, args)
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan")))
   for _ in range(args.warmup):
-    state, m = setup.step_fn(state, batch, key)
+    state, m = compiled(state, batch, key)
   jax.block_until_ready(m)
   times = []
   for _ in range(args.steps):
     t0 = time.perf_counter()
-    state, m = setup.step_fn(state, batch, key)
+    state, m = compiled(state, batch, key)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   med = statistics.median(times)
