@@ -22,11 +22,24 @@ from test_train import cpal_config, tiny_config
 _CONV_TYPES = re.compile(
     r"stablehlo\.convolution.*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\) -> tensor<[^>]*x(\w+)>"
 )
+# A 1x1 convolution (resnet.Conv1x1): NHWC features contracted over channels with an [in, out] kernel.
+_CONV1X1_TYPES = re.compile(
+    r"stablehlo\.dot_general .*contracting_dims = \[3\] x \[0\].*"
+    r": \(tensor<\d+x\d+x\d+x\d+x(\w+)>, tensor<\d+x\d+x(\w+)>\) -> tensor<[^>]*x(\w+)>"
+)
+
+
+# Any convolution or matmul, forward or gradient.
+_CONTRACTION_TYPES = re.compile(
+    r"stablehlo\.(?:convolution|dot_general).*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\) -> tensor<[^>]*x(\w+)>"
+)
 
 
 def conv_dtypes(fn, *args) -> list:
-  """(input, kernel, output) element types of every convolution in fn's lowered StableHLO."""
-  return _CONV_TYPES.findall(jax.jit(fn).lower(*args).as_text())
+  """(input, kernel, output) element types of every convolution in fn's lowered StableHLO, 1x1 ones
+  (matmuls over channels) included."""
+  text = jax.jit(fn).lower(*args).as_text()
+  return [t for line in text.splitlines() for t in _CONV_TYPES.findall(line) + _CONV1X1_TYPES.findall(line)]
 
 
 def kernels(params, under: str | None = None) -> int:
@@ -149,9 +162,10 @@ def test_bf16_cpal_train_step_keeps_bank_and_losses_float32():
   state = setup.init_state()
   batch = sharding.global_batch(next(data), mesh)
   key = jax.random.key(0)
-  convs = _CONV_TYPES.findall(setup.step_fn.lower(state, batch, key).as_text())
+  convs = _CONTRACTION_TYPES.findall(setup.step_fn.lower(state, batch, key).as_text())
   n_backbone = kernels(state.params, "backbone")
-  # The forward backbone, and the backward of the stages that train (detach_after=2), in bfloat16.
+  # The forward backbone, and the backward of the stages that train (detach_after=2), in bfloat16;
+  # nothing mixes bfloat16 with float32.
   assert convs.count(("bf16", "bf16", "bf16")) > n_backbone
   assert {c for c in convs if "bf16" in c} == {("bf16", "bf16", "bf16")}
 

@@ -51,16 +51,22 @@ def test_output_stride_8(layout, size, cells):
 
 
 def _convs(layout: str) -> list:
-  """(rhs_dilation, window_strides, kernel spatial shape) of every convolution in the forward."""
+  """(rhs_dilation, window_strides, kernel spatial shape) of every convolution in the forward; a
+  strided 1x1 convolution (resnet.Conv1x1: a strided slice, then a matmul) counts as ((1, 1), stride,
+  (1, 1))."""
   model = deeplab.DeepLabV2(5, "resnet_small", layout)
   x = jnp.zeros((1, 200, 200, 3))  # 25x25 maps: every ASPP rate keeps its 3x3 taps
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x)
-  return [
-      (tuple(e.params["rhs_dilation"]), tuple(e.params["window_strides"]), e.invars[1].aval.shape[:2])
-      for e in jaxpr.jaxpr.eqns
-      if e.primitive.name == "conv_general_dilated"
-  ]
+  convs = []
+  for e in jaxpr.jaxpr.eqns:
+    if e.primitive.name == "conv_general_dilated":
+      convs.append(
+          (tuple(e.params["rhs_dilation"]), tuple(e.params["window_strides"]), e.invars[1].aval.shape[:2])
+      )
+    elif e.primitive.name == "slice" and e.params["strides"] and tuple(e.params["strides"][1:3]) != (1, 1):
+      convs.append(((1, 1), tuple(e.params["strides"][1:3]), (1, 1)))
+  return convs
 
 
 @pytest.mark.parametrize("layout", deeplab.LAYOUTS)
