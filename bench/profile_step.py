@@ -1,8 +1,10 @@
-"""Where the CAM train step's time goes: the JAX step's XLA ops next to the PyTorch reference's
-operators, by class, at the bench's shape (issue 22's profile).
+"""Where a train step's time goes: the JAX step's XLA ops next to the PyTorch reference's operators,
+by class, at the bench's shape (issue 22's profile). --model cam: the CAM step of
+bench/train_step_bench.py against bench/torch_ref.py; --model seg: DeepLab-v2's step of
+bench/deeplab_step_bench.py against bench/torch_deeplab.py.
 
-  python bench/profile_step.py --batch 4 --size 256 --steps 3 --threads 2 [--methods sipe,cpal] \
-      [--torch-ref bench/torch_ref.py] [--json out.json]
+  python bench/profile_step.py --batch 4 --size 256 --steps 3 --threads 2 [--methods sipe,cpal] [--json out.json]
+  python bench/profile_step.py --model seg --batch 1 --size 321 --steps 2 --threads 2
 
 JAX: jax.profiler records every XLA thunk; bench/hlo_profile.py names what each op does (convolution,
 matmul, elementwise, transpose/copy, ...), whether it belongs to the forward pass, the backward pass
@@ -20,7 +22,8 @@ import subprocess
 import sys
 import tempfile
 
-import hlo_profile  # bench/, beside this script
+import deeplab_step_bench  # bench/, beside this script
+import hlo_profile
 import train_step_bench
 import xla_cpu
 
@@ -50,6 +53,7 @@ TORCH_CLASSES = (
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="cam", choices=["cam", "seg"])
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--size", type=int, default=256)
   p.add_argument("--steps", type=int, default=3)
@@ -58,7 +62,7 @@ def parse_args(argv=None):
   p.add_argument("--backbone", default="resnet50")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--methods", default="sipe")
-  p.add_argument("--torch-ref", default=os.path.join(REPO, "bench", "torch_ref.py"), help="empty to skip")
+  p.add_argument("--torch-ref", default=None, help="the reference script (default: the model's); empty to skip")
   p.add_argument("--top", type=int, default=12, help="slowest single ops to list")
   p.add_argument("--json", default=None)
   p.add_argument("--torch-child", default=None, help=argparse.SUPPRESS)  # internal: profile torch here
@@ -66,11 +70,19 @@ def parse_args(argv=None):
 
 
 def profile_jax(method: str, args) -> dict:
-  _, compiled, state, batch, key = train_step_bench.build_step(method, args)
+  if args.model == "cam":
+    _, compiled, state, batch, key = train_step_bench.build_step(method, args)
+    inputs = (batch, key)
+  else:
+    seg_args = deeplab_step_bench.parse_args(
+        ["--batch", str(args.batch), "--size", str(args.size), "--backbone", args.backbone, "--dtype", args.dtype]
+    )
+    compiled, state, batch, _, _ = deeplab_step_bench.build_step(seg_args)
+    inputs = (batch,)
   carry = [state]
 
   def run():
-    carry[0], metrics = compiled(carry[0], batch, key)
+    carry[0], metrics = compiled(carry[0], *inputs)
     return metrics
 
   for _ in range(args.warmup):
@@ -103,17 +115,28 @@ def profile_torch_child(args) -> None:
   import time
 
   import torch
-  import torch_ref
 
   torch.set_num_threads(args.threads)
-  ref_args = torch_ref.parse_args(
-      ["--batch", str(args.batch), "--size", str(args.size), "--threads", str(args.threads)]
-  )
-  model, opt, img, label4, valid_lr = torch_ref.build(ref_args)
-  params = [p for p in model.parameters() if p.requires_grad]
+  shape = ["--batch", str(args.batch), "--size", str(args.size), "--threads", str(args.threads)]
+  if args.model == "cam":
+    import torch_ref
 
-  def step():
-    torch_ref.train_step(model, opt, params, img, label4, valid_lr, ref_args.clip)
+    ref_args = torch_ref.parse_args(shape)
+    model, opt, img, label4, valid_lr = torch_ref.build(ref_args)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+      torch_ref.train_step(model, opt, params, img, label4, valid_lr, ref_args.clip)
+
+  else:
+    import torch_deeplab
+
+    ref_args = torch_deeplab.parse_args(shape + ["--backbone", args.backbone])
+    model, optimizer, scheduler, images, labels = torch_deeplab.build(ref_args)
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=torch_deeplab.deeplab_common.IGNORE)
+
+    def step():
+      torch_deeplab.train_step(model, optimizer, scheduler, criterion, images, labels, ref_args.iter_size)
 
   for _ in range(args.warmup):
     step()
@@ -147,7 +170,7 @@ def profile_torch(args) -> dict | None:
     out = os.path.join(d, "torch.json")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, os.path.abspath(__file__), "--torch-child", out, "--torch-ref", args.torch_ref]
-    for flag in ("batch", "size", "steps", "warmup", "threads", "top"):
+    for flag in ("model", "batch", "size", "steps", "warmup", "threads", "top", "backbone"):
       cmd += [f"--{flag}", str(getattr(args, flag))]
     subprocess.run(cmd, check=True, env=env)
     with open(out) as f:
@@ -162,12 +185,16 @@ def show(title: str, wall: float, busy: float, classes: dict) -> None:
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.torch_ref is None:
+    args.torch_ref = os.path.join(REPO, "bench", "torch_ref.py" if args.model == "cam" else "torch_deeplab.py")
+  if args.model == "seg" and args.backbone == "resnet50":
+    args.backbone = "resnet101"  # DeepLab-v2's
   if args.torch_child:
     profile_torch_child(args)
     return
   xla_cpu.limit_threads(args.threads)
   results = {"args": vars(args), "jax": {}}
-  for method in [m for m in args.methods.split(",") if m]:
+  for method in [m for m in args.methods.split(",") if m] if args.model == "cam" else ["deeplab-v2"]:
     r = profile_jax(method, args)
     results["jax"][method] = r
     show(f"JAX {method} by phase and op kind", r["wall_s"], r["busy_s"], r["by_phase_kind"])

@@ -699,3 +699,25 @@ def test_fingerprint_keeps_checkpoints_from_before_seg_dilations_resumable():
       1,
       1,
   ]
+
+
+@pytest.mark.parametrize("bn_train", [False, True])
+def test_frozen_parameters_get_no_gradient(bn_train):
+  model = deeplab.DeepLabV2(5, "resnet_tiny", "caffe")
+  x = jax.random.normal(jax.random.key(1), (1, 33, 33, 3))
+  variables = model.init(jax.random.key(0), x)
+
+  def loss(params, constants):
+    if constants:
+      params = seg.frozen_as_constants(params, bn_train)
+    return jnp.sum(model.apply({**variables, "params": params}, x) ** 2)
+
+  full = traverse_util.flatten_dict(jax.grad(loss)(variables["params"], False))
+  got = traverse_util.flatten_dict(jax.grad(loss)(variables["params"], True))
+  frozen = {k for k in full if seg.param_label(k, bn_train) == seg.FROZEN}
+  assert bool(frozen) != bn_train  # frozen BatchNorm: its scale and bias; batch statistics: none
+  for k in full:
+    if k in frozen:
+      assert not np.asarray(got[k]).any() and np.asarray(full[k]).any(), k
+    else:
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(full[k]), err_msg=str(k))

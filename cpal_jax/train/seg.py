@@ -229,14 +229,25 @@ def make_optimizer(seg_cfg, num_steps: int, params) -> optax.GradientTransformat
   return optim.grouped(groups, labels, seg_cfg.clip_norm)
 
 
+def frozen_as_constants(params, bn_train: bool):
+  """params with the FROZEN group (param_label) behind stop_gradient: the optimiser never moves them,
+  so their gradients (a reduction over every activation per BatchNorm) are not computed at all, and
+  grad_norm counts what PyTorch's clip and optimiser see."""
+  flat = traverse_util.flatten_dict(params)
+  frozen = lambda k: param_label(k, bn_train) == FROZEN  # noqa: E731
+  return traverse_util.unflatten_dict({k: jax.lax.stop_gradient(v) if frozen(k) else v for k, v in flat.items()})
+
+
 # ------------------------------------------------------------------------------------ model/step
 def make_train_step(model, tx: optax.GradientTransformation, seg_cfg):
   scales = tuple(seg_cfg.msc_scales)
+  bn_train = seg_cfg.batch_norm == "train"
 
   def train_step(state: state_lib.TrainState, batch: dict):
     x = deeplab.normalize(batch["image"], batch["valid"], seg_cfg.layout)
 
     def loss_fn(params):
+      params = frozen_as_constants(params, bn_train)
       # Batch statistics (bn_train) chain through the scales as the reference's successive
       # forward calls update them; frozen statistics come back unchanged.
       stats, per_scale = state.batch_stats, []
