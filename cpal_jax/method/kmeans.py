@@ -118,7 +118,7 @@ def _nearest(points, mask, centers, metric, sq_norms):
   sq_norms: _sq_norms(points), computed once per Lloyd run rather than per iteration."""
   scores = _scores(points, centers, metric)
   labels = jnp.argmin(scores, axis=0)
-  best = jnp.take_along_axis(scores, labels[None, :], axis=0)[0]
+  best = jnp.min(scores, axis=0)
   dist = 2.0 + 2.0 * best if metric == "cosine" else sq_norms + best  # unit vectors: 2 - 2 x.c
   return jnp.where(mask, labels, -1), jnp.where(mask, dist, -jnp.inf)
 
