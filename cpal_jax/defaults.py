@@ -106,6 +106,10 @@ def base() -> ml_collections.ConfigDict:
   c.cam.split = ""  # empty: data.train_split
   c.cam.scales = (1.0, 0.5, 1.5, 2.0)  # input scales of the multi-scale read (each with its flip), summed
   c.cam.batch_size = 8  # images per step (each runs with its flip)
+  # Cap on padded input pixels per predict call (each image also runs flipped): at the large scales a
+  # step's images are read in smaller calls, padded to the step's common size so the maps do not
+  # change. 2e6 keeps make_cam of VOC-sized images with ResNet-50 under ~2.5 GB; 0 = no cap.
+  c.cam.max_batch_pixels = 2_000_000
   # How an image and its flip combine: "features" = their network outputs (CAM, features) fused
   # before one map is read from them, as SIPE's inference (network/resnet50_SIPE.py, class CAM:
   # `cam = cam[0] + cam[1].flip(-1)`, the same for hie_fea, then seeds, prototypes, IS-CAM once);

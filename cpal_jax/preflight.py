@@ -106,6 +106,7 @@ _NON_NEGATIVE = (
     "train.clip_norm",
     "eval.pad_multiple",
     "cam.pad_multiple",
+    "cam.max_batch_pixels",
     "refine.workers",
     "refine.irn.epochs",
     "refine.irn.num_steps",

@@ -394,3 +394,34 @@ def test_exact_size_read_is_padding_free(sipe_run, tmp_path):
   for f in exact:
     np.testing.assert_allclose(exact[f], sixteen[f], atol=2e-3)  # float16 files
   assert max(np.abs(exact[f] - sixty_four[f]).max() for f in exact) > 1e-2
+
+
+def test_pixel_cap_splits_calls_without_changing_the_maps(sipe_run, tmp_path):
+  """cam.max_batch_pixels small enough for one image per call reads the same maps as whole steps
+  (each call is padded to its step's size), and the cap gives way to devices and to CPAL's batch
+  shift."""
+  import shutil
+
+  config, workdir, _ = sipe_run
+  assert infer_cam.call_batch(config, 8, 64 * 64, 1) == min(8, config.cam.max_batch_pixels // 4096)
+  tight = tiny_config(**{"cam.max_batch_pixels": 96 * 96})
+  assert infer_cam.call_batch(tight, 8, 96 * 96, 1) == 1
+  assert infer_cam.call_batch(tight, 8, 96 * 96, 2) == 2  # at least one image per device
+  assert infer_cam.call_batch(tiny_config(**{"cam.max_batch_pixels": 0}), 8, 10**9, 1) == 8
+  shift = tiny_config(**{"cam.max_batch_pixels": 1, "method.name": "cpal", "method.cpal.infer_shift": "batch"})
+  assert infer_cam.call_batch(shift, 8, 96 * 96, 1) == 8
+
+  def read(cap):
+    run_dir = tmp_path / f"cap{cap}"
+    shutil.copytree(os.path.join(workdir, "cam", "ckpt"), run_dir / "cam" / "ckpt")
+    cfg = tiny_config(**{"train.num_steps": 2, "cam.scales": (1.0, 0.5, 1.5), "cam.max_batch_pixels": cap})
+    cfg.data.num_train = 6
+    cfg.stages = "make_cam"
+    cli.run(cfg, str(run_dir))
+    return {f: infer_cam.load_maps(str(run_dir / "cam" / "maps" / f))["high_res"]
+            for f in sorted(os.listdir(run_dir / "cam" / "maps"))}
+
+  whole, one_by_one = read(0), read(1)
+  assert whole.keys() == one_by_one.keys() and len(whole) == 6
+  for f in whole:
+    np.testing.assert_allclose(whole[f], one_by_one[f], atol=2e-3)  # float16 files

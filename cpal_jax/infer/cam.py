@@ -197,12 +197,30 @@ def rescale(image: np.ndarray, scale: float) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
 
 
-def padded_batch(images: list[np.ndarray], labels: np.ndarray, multiple: int, batch_size: int) -> dict:
-  """Images padded bottom/right to a common multiple of `multiple`, the batch filled to batch_size
-  with copies of the last image (callers keep only the real entries)."""
+def padded_size(images: list[np.ndarray], multiple: int) -> tuple[int, int]:
+  """The common size images are padded to: the largest height and width, each rounded up."""
   hmax = max(im.shape[0] for im in images)
   wmax = max(im.shape[1] for im in images)
-  hp, wp = -(-hmax // multiple) * multiple, -(-wmax // multiple) * multiple
+  return -(-hmax // multiple) * multiple, -(-wmax // multiple) * multiple
+
+
+def call_batch(config, batch_size: int, pixels: int, n_dev: int) -> int:
+  """Images per predict call for images padded to `pixels`: batch_size, or fewer (a multiple of the
+  devices, at least one per device) where cam.max_batch_pixels would be exceeded. Not when CPAL's
+  Eq. 12 shift is a mean over the batch, which splitting would change."""
+  cap = config.cam.get("max_batch_pixels", 0)
+  m = config.method
+  if not cap or (m.name == "cpal" and m.cpal.infer_shift == "batch"):
+    return batch_size
+  return min(batch_size, max(n_dev, cap // pixels // n_dev * n_dev))
+
+
+def padded_batch(
+    images: list[np.ndarray], labels: np.ndarray, multiple: int, batch_size: int, size: tuple | None = None
+) -> dict:
+  """Images padded bottom/right to a common multiple of `multiple` (or to `size`), the batch filled to
+  batch_size with copies of the last image (callers keep only the real entries)."""
+  hp, wp = size or padded_size(images, multiple)
   img = np.zeros((batch_size, hp, wp, 3), np.uint8)
   valid = np.zeros((batch_size, hp, wp), np.uint8)
   lab = np.zeros((batch_size, labels.shape[1]), np.float32)
@@ -323,6 +341,7 @@ def run(config, workdir: str) -> dict:
   batch_size = device_batch(config, mesh, exact)
   per_step = 1 if exact else batch_size
   batch_sharding = sharding.batch_sharded(mesh)
+  multiple = config.cam.pad_multiple or 1
 
   bar = monitor.progress(len(mine), "make_cam", initial=len(mine) - len(todo))
   for start in range(0, len(todo), per_step):
@@ -331,13 +350,16 @@ def run(config, workdir: str) -> dict:
     per_scale: list[list[np.ndarray]] = [[] for _ in chunk]
     for s in config.cam.scales:
       scaled = [rescale(el["image"], s) for el in chunk]
-      batch = padded_batch(scaled, labels, config.cam.pad_multiple or 1, batch_size)
-      batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
-      maps = np.asarray(jax.device_get(predict(variables, extra, batch)))  # [B, hf, wf, K]
-      stride = batch["image"].shape[1] // maps.shape[1]
-      for j, im in enumerate(scaled):
-        hv, wv = -(-im.shape[0] // stride), -(-im.shape[1] // stride)
-        per_scale[j].append(np.moveaxis(maps[j, :hv, :wv], -1, 0))
+      size = padded_size(scaled, multiple)
+      n = call_batch(config, batch_size, size[0] * size[1], mesh.shape[sharding.DATA])
+      for k in range(0, len(scaled), n):
+        batch = padded_batch(scaled[k : k + n], labels[k : k + n], multiple, n, size)
+        batch = {key: jax.device_put(v, batch_sharding) for key, v in batch.items()}
+        maps = np.asarray(jax.device_get(predict(variables, extra, batch)))  # [n, hf, wf, K]
+        stride = batch["image"].shape[1] // maps.shape[1]
+        for j, im in enumerate(scaled[k : k + n]):
+          hv, wv = -(-im.shape[0] // stride), -(-im.shape[1] // stride)
+          per_scale[k + j].append(np.moveaxis(maps[j, :hv, :wv], -1, 0))
     for j, el in enumerate(chunk):
       h, w = el["image"].shape[:2]
       keys = channel_keys(el["label"], with_bg)
