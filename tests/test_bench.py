@@ -4,6 +4,7 @@ against anything: only that they are there, finite and positive)."""
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -41,7 +42,7 @@ def test_torch_make_cam_reports_its_keys(work, tmp_path):
   assert r["peak_rss_mb"] >= r["rss_after_build_mb"]
 
 
-# --- bench/memory_bench.py, input_bench.py, voc_tree.py ------------------------------
+# --- bench/run_all.py, memory_bench.py, input_bench.py, voc_tree.py ------------------------------
 
 BENCH = os.path.join(REPO, "bench")
 
@@ -55,6 +56,66 @@ def bench_module(name):
 def plain_env():
   """This environment without conftest's eight fake devices, which a stage process would shard over."""
   return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def outside(text, begin="<!-- speed:begin -->", end="<!-- speed:end -->"):
+  return text[: text.index(begin)], text[text.index(end) + len(end) :]
+
+
+def test_run_all_quick_writes_the_json_and_only_the_marked_block(tmp_path):
+  docs = tmp_path / "results.md"
+  docs.write_text((pathlib.Path(REPO) / "docs" / "results.md").read_text())
+  before = docs.read_text()
+  out = tmp_path / "all.json"
+  cmd = [sys.executable, os.path.join(BENCH, "run_all.py"), "--quick", "--only", "kmeans"]
+  cmd += ["--json", str(out), "--docs", str(docs)]
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stdout + r.stderr
+  report = json.loads(out.read_text())
+  m = report["machine"]
+  for key in ("platform", "cpu_model", "cores", "threads", "loadavg_start", "loadavg_end", "commit", "date"):
+    assert m[key] not in (None, ""), key
+  assert set(m["versions"]) >= {"jax", "jaxlib", "torch", "scikit-learn"} and m["versions"]["jax"]
+  assert len(m["loadavg_start"]) == 3 and len(m["commit"].split("+")[0]) == 40
+  assert list(report["benches"]) == ["kmeans"] and report["quick"]
+  kmeans = report["benches"]["kmeans"]
+  assert kmeans["returncode"] == 0 and kmeans["result"]["speedup"] > 0
+  assert kmeans["command"].startswith("python bench/kmeans_bench.py --threads")
+  after = docs.read_text()
+  assert outside(after) == outside(before)  # the hand-written text is kept as it was
+  assert after.count("<!-- speed:begin -->") == after.count("<!-- speed:end -->") == 1
+  block = after[after.index("<!-- speed:begin -->") : after.index("<!-- speed:end -->")]
+  assert "python bench/run_all.py --quick --only kmeans" in block and m["commit"] in block
+  assert "| k-means >= 10x scikit-learn" in block and "**k-means on the support bank**" in block
+  assert "| memory" not in block and "not run" in block
+
+
+def test_run_all_block_goes_after_the_speed_heading_once(tmp_path):
+  run_all = bench_module("run_all")
+  text = "# Results\n\n## Speed on this CPU\n\nhand-written\n\n## Next\n\nmore\n"
+  first = run_all.replace_block(text, "<!-- speed:begin -->\nA\n<!-- speed:end -->")
+  assert first == (
+      "# Results\n\n## Speed on this CPU\n\n<!-- speed:begin -->\nA\n<!-- speed:end -->\n\nhand-written\n\n"
+      "## Next\n\nmore\n"
+  )
+  second = run_all.replace_block(first, "<!-- speed:begin -->\nB\n<!-- speed:end -->")
+  assert second == first.replace("\nA\n", "\nB\n")
+  appended = run_all.replace_block("# Results\n", "<!-- speed:begin -->\nA\n<!-- speed:end -->")
+  assert appended.endswith("## Speed on this CPU\n\n<!-- speed:begin -->\nA\n<!-- speed:end -->\n")
+
+
+def test_run_all_writes_docs_by_default_only_for_a_full_run():
+  run_all = bench_module("run_all")
+  assert run_all.parse_args([]).docs == run_all.DOCS
+  assert run_all.parse_args(["--no-docs"]).docs is None
+  assert run_all.parse_args(["--quick"]).docs is None
+  assert run_all.parse_args(["--only", "crf"]).docs is None
+  assert run_all.parse_args(["--only", "crf,kmeans"]).names == ["kmeans", "crf"]  # the fixed order
+  with pytest.raises(SystemExit):
+    run_all.parse_args(["--only", "bogus"])
+  for name in run_all.ORDER:  # every bench has its flags, full and quick
+    for quick in (False, True):
+      assert isinstance(run_all.bench_args(name, quick, 2, None), list)
 
 
 def test_voc_tree_reads_through_the_voc_reader(tmp_path):
