@@ -191,8 +191,8 @@ def run_monitored(cmd: list[str], env: dict, log_path: str, poll: float) -> dict
 
 
 def split_phases(events: list, samples: list, wall: float) -> list[dict]:
-  """Per phase: seconds, the largest VmRSS sampled, whether the stage process's VmHWM last rose
-  in it, and its (images done, VmRSS) at the first and last sample with an image done."""
+  """Per phase: seconds, the largest VmRSS sampled, whether the stage process's VmHWM reached its
+  peak in it, and its (images done, VmRSS) at the first and last sample with an image done."""
   spans = []
   for k, (t0, name) in enumerate(events):
     t1 = events[k + 1][0] if k + 1 < len(events) else wall
@@ -204,17 +204,17 @@ def split_phases(events: list, samples: list, wall: float) -> list[dict]:
       spans[-1]["t1"] = t1
     else:
       spans.append({"phase": name, "t0": t0, "t1": t1})
-  hwm, hwm_span = 0, None
+  # The peak belongs to the phase that first came near it: the interpreter's last few kB at exit
+  # also raise VmHWM, and would otherwise take it.
+  final = max((s[2] for s in samples), default=0)
+  near = final - max(16 * 1024, final // 50)
+  reached = next((s[0] for s in samples if s[2] >= near), None)
   for sp in spans:
     inside = [s for s in samples if sp["t0"] <= s[0] < sp["t1"]]
     done = [(s[3], s[1]) for s in inside if s[3] >= 1]
     sp.update(s=sp["t1"] - sp["t0"], rss_max_kb=max((s[1] for s in inside), default=0))
     sp.update(first=done[0] if done else None, last=done[-1] if done else None)
-    for s in inside:
-      if s[2] > hwm:
-        hwm, hwm_span = s[2], sp
-  for sp in spans:
-    sp["hwm_set"] = sp is hwm_span
+    sp["hwm_set"] = reached is not None and sp["t0"] <= reached < sp["t1"]
   return spans
 
 

@@ -170,7 +170,7 @@ def test_memory_monitor_reads_each_process_alone(tmp_path):
   assert 200 < main_mb < 300 + 100, main_mb
   assert 300 < worker_mb < 300 + 200 + 100, worker_mb
   names = [p["phase"] for p in r["phases"]]
-  assert names[:2] == ["startup", "phase_a"] and "phase_b" in names and names[-1] == "wrap-up", names
+  assert names[0] == "startup" and "phase_b" in names and names[-1] == "wrap-up", names
   assert [p["phase"] for p in r["phases"] if p["hwm_set"]] == ["phase_b"]
 
 
