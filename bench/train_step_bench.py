@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import md_table  # bench/md_table.py, beside this script
+import xla_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_REF = os.path.join(REPO, "bench", "torch_ref.py")
@@ -154,8 +155,7 @@ def torch_step(args) -> dict | None:
 
 def main():
   args = parse_args()
-  # XLA's CPU runtime uses every visible core; --threads sets PyTorch's pool to match on a machine
-  # whose core count it equals (2 here).
+  xla_cpu.limit_threads(args.threads)  # the PyTorch subprocess inherits the same CPUs
   rows = [jax_step(m, args) for m in args.methods.split(",") if m]
   ref = torch_step(args)
   if ref:
