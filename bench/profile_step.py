@@ -3,7 +3,8 @@ by class, at the bench's shape (issue 22's profile). --model cam: the CAM step o
 bench/train_step_bench.py against bench/torch_ref.py; --model seg: DeepLab-v2's step of
 bench/deeplab_step_bench.py against bench/torch_deeplab.py.
 
-  python bench/profile_step.py --batch 4 --size 256 --steps 3 --threads 2 [--methods sipe,cpal] [--json out.json]
+  python bench/profile_step.py --batch 4 --size 256 --steps 3 --threads 2 [--methods sipe,cpal] \
+      [--json out.json]
   python bench/profile_step.py --model seg --batch 1 --size 321 --steps 2 --threads 2
 
 JAX: jax.profiler records every XLA thunk; bench/hlo_profile.py names what each op does (convolution,
@@ -62,7 +63,7 @@ def parse_args(argv=None):
   p.add_argument("--backbone", default="resnet50")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--methods", default="sipe")
-  p.add_argument("--torch-ref", default=None, help="the reference script (default: the model's); empty to skip")
+  p.add_argument("--torch-ref", default=None, help="the reference script (default: the model's); '' skips")
   p.add_argument("--top", type=int, default=12, help="slowest single ops to list")
   p.add_argument("--json", default=None)
   p.add_argument("--torch-child", default=None, help=argparse.SUPPRESS)  # internal: profile torch here
@@ -75,7 +76,8 @@ def profile_jax(method: str, args) -> dict:
     inputs = (batch, key)
   else:
     seg_args = deeplab_step_bench.parse_args(
-        ["--batch", str(args.batch), "--size", str(args.size), "--backbone", args.backbone, "--dtype", args.dtype]
+        ["--batch", str(args.batch), "--size", str(args.size)]
+        + ["--backbone", args.backbone, "--dtype", args.dtype]
     )
     compiled, state, batch, _, _ = deeplab_step_bench.build_step(seg_args)
     inputs = (batch,)
@@ -186,7 +188,8 @@ def show(title: str, wall: float, busy: float, classes: dict) -> None:
 def main(argv=None):
   args = parse_args(argv)
   if args.torch_ref is None:
-    args.torch_ref = os.path.join(REPO, "bench", "torch_ref.py" if args.model == "cam" else "torch_deeplab.py")
+    script = "torch_ref.py" if args.model == "cam" else "torch_deeplab.py"
+    args.torch_ref = os.path.join(REPO, "bench", script)
   if args.model == "seg" and args.backbone == "resnet50":
     args.backbone = "resnet101"  # DeepLab-v2's
   if args.torch_child:

@@ -1,6 +1,7 @@
 """Masked k-means against scikit-learn's Lloyd (same initial centres) and a float64 numpy reference.
 
-Both relocate an empty cluster to the point farthest from its centre (scikit-learn's rule). Both stop once an iteration changes no label (tol=0: strict convergence), and our n_iter counts
+Both relocate an empty cluster to the point farthest from its centre (scikit-learn's rule). Both stop
+once an iteration changes no label (tol=0: strict convergence), and our n_iter counts
 iterations as scikit-learn's `n_iter_` does (the final no-change iteration included): equal exactly.
 """
 

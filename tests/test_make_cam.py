@@ -408,7 +408,9 @@ def test_pixel_cap_splits_calls_without_changing_the_maps(sipe_run, tmp_path):
   assert infer_cam.call_batch(tight, 8, 96 * 96, 1) == 1
   assert infer_cam.call_batch(tight, 8, 96 * 96, 2) == 2  # at least one image per device
   assert infer_cam.call_batch(tiny_config(**{"cam.max_batch_pixels": 0}), 8, 10**9, 1) == 8
-  shift = tiny_config(**{"cam.max_batch_pixels": 1, "method.name": "cpal", "method.cpal.infer_shift": "batch"})
+  shift = tiny_config(
+      **{"cam.max_batch_pixels": 1, "method.name": "cpal", "method.cpal.infer_shift": "batch"}
+  )
   assert infer_cam.call_batch(shift, 8, 96 * 96, 1) == 8
 
   def read(cap):

@@ -31,7 +31,8 @@ _CONV1X1_TYPES = re.compile(
 
 # Any convolution or matmul, forward or gradient.
 _CONTRACTION_TYPES = re.compile(
-    r"stablehlo\.(?:convolution|dot_general).*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\) -> tensor<[^>]*x(\w+)>"
+    r"stablehlo\.(?:convolution|dot_general).*"
+    r": \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\) -> tensor<[^>]*x(\w+)>"
 )
 
 

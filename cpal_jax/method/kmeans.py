@@ -135,7 +135,9 @@ def _relocate(labels, dist, mask, num_clusters):
   good: 5 of 20 classes of a VOC-sized bank ended with a dead prototype."""
   clusters = jnp.arange(num_clusters)
   empty = ~jnp.any(labels[None, :] == clusters[:, None], axis=1)  # [C]
-  order = jnp.argsort(-dist)  # stable: equal distances go to the lower slot
+  # Farthest first, equal distances to the lower slot. A full sort, not lax.top_k: XLA's partitioner
+  # gathers a top_k's operand onto every device when the class axis is sharded.
+  order = jnp.argsort(-dist)
   pick = order[jnp.maximum(jnp.cumsum(empty) - 1, 0)]  # [C] the point each empty cluster would take
   take = empty & mask[pick]  # a near-empty ring buffer has no far point to give
   chosen = (jnp.arange(labels.shape[0])[None, :] == pick[:, None]) & take[:, None]  # [C, capacity]

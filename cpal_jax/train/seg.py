@@ -235,7 +235,8 @@ def frozen_as_constants(params, bn_train: bool):
   grad_norm counts what PyTorch's clip and optimiser see."""
   flat = traverse_util.flatten_dict(params)
   frozen = lambda k: param_label(k, bn_train) == FROZEN  # noqa: E731
-  return traverse_util.unflatten_dict({k: jax.lax.stop_gradient(v) if frozen(k) else v for k, v in flat.items()})
+  constants = {k: jax.lax.stop_gradient(v) if frozen(k) else v for k, v in flat.items()}
+  return traverse_util.unflatten_dict(constants)
 
 
 # ------------------------------------------------------------------------------------ model/step
