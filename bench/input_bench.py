@@ -1,15 +1,17 @@
 """Can the host's input pipeline keep a card busy? (issue 22, target 6)
 
-  python bench/input_bench.py [--images 64 --workers 0,1,2 --batches 12 --json out.json]
+  python bench/input_bench.py [--images 64 --workers 0,1,2 --batches 40 --json out.json]
 
 Decode + augment rate of the CAM stage's real input pipeline (cpal_jax/data/pipeline.py
 train_iterator over the VOC reader, configs/voc.py: batch 16, TrainAugment's random long side
 320..640, flip, 512 px crop) on a generated VOC-layout tree (bench/voc_tree.py: VOC-sized JPEGs of
 about VOC's file size and decode time, labels from cls_labels.json), for each data.workers in
 --workers (0: grain's two reader threads in this process; n > 0: n grain worker processes).
-After --warmup batches (worker start-up), --batches are timed: images/s of wall time, and images
-per CPU-second of this process and all its descendants (/proc/<pid>/stat utime + stime), which is
-the rate per core, whatever the number of cores the run had. A single-thread row decodes and
+Each rate is the difference of two whole runs of the iterator, over --warmup and over --warmup +
+--batches batches (grain's workers read far ahead, so a window inside one run would count batches
+made before it): images/s of wall time, and images per CPU-second of this process and all its
+descendants (/proc/<pid>/stat utime + stime), which is the rate per core, whatever the number of
+cores the run had. A single-thread row decodes and
 augments element by element with no grain at all: the floor of the per-image cost.
 
 Next to it, the rate at which an H100 would consume images in the CAM train step: the step's
@@ -51,7 +53,7 @@ def parse_args(argv=None):
   p.add_argument("--workers", default="0,1,2", help="data.workers values to time")
   p.add_argument("--batch", type=int, default=0, help="train.batch_size; 0: configs/voc.py's")
   p.add_argument("--crop", type=int, default=0, help="train.crop_size; 0: configs/voc.py's")
-  p.add_argument("--batches", type=int, default=12, help="timed batches per workers value")
+  p.add_argument("--batches", type=int, default=40, help="timed batches per workers value")
   p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start-up)")
   p.add_argument("--single", type=int, default=32, help="images of the single-thread row")
   p.add_argument("--flops", default="lowered", choices=["lowered", "compiled", "scaled"])
@@ -65,7 +67,7 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def voc_config(root: str, args, workers: int):
+def voc_config(root: str, args, workers: int, batches: int):
   import voc
 
   c = voc.get_config()
@@ -77,7 +79,7 @@ def voc_config(root: str, args, workers: int):
     c.train.batch_size = args.batch
   if args.crop:
     c.train.crop_size = args.crop
-  c.train.num_steps = args.warmup + args.batches
+  c.train.num_steps = batches
   return c
 
 
@@ -105,43 +107,46 @@ def cpu_seconds() -> dict[int, float]:
   return out
 
 
-def time_pipeline(root: str, args, workers: int) -> dict:
+def _whole_run(root: str, args, workers: int, batches: int) -> tuple[float, float, dict]:
+  """Wall and CPU seconds (this process and every descendant) from creating the iterator to its last
+  batch, for a schedule of exactly `batches` batches, and the last batch."""
   from cpal_jax.data import pipeline
 
-  c = voc_config(root, args, workers)
+  c = voc_config(root, args, workers, batches)
   source = pipeline.make_source(c, c.data.train_split)
   schedule = pipeline.make_schedule(c.train, len(source))
+  cpu0, t0 = cpu_seconds(), time.perf_counter()
   it = pipeline.train_iterator(c, source, schedule)
   try:
-    t = time.perf_counter()
-    for _ in range(args.warmup):
-      next(it)
-    warmup_s = time.perf_counter() - t
-    cpu0, t0 = cpu_seconds(), time.perf_counter()
-    waits = []
-    for _ in range(args.batches):
-      t = time.perf_counter()
+    for _ in range(batches):
       batch = next(it)
-      waits.append(time.perf_counter() - t)
-    wall = time.perf_counter() - t0
-    cpu1 = cpu_seconds()
+    wall, cpu1 = time.perf_counter() - t0, cpu_seconds()  # workers still alive: their time counts
   finally:
     if hasattr(it, "close"):
       it.close()
-  cpu = sum(cpu1[p] - cpu0[p] for p in cpu1 if p in cpu0)
-  images = args.batches * c.train.batch_size
+  return wall, sum(cpu1[p] - cpu0.get(p, 0.0) for p in cpu1), batch
+
+
+def time_pipeline(root: str, args, workers: int) -> dict:
+  """Steady-state rate as the difference of two whole runs, --warmup batches and --warmup + --batches:
+  grain's workers read far ahead (their read buffers hold hundreds of elements), so a window timed
+  inside one run counts batches made before it; a whole finite run counts every batch's work, and
+  the difference takes out the start-up (worker processes, imports)."""
+  short_wall, short_cpu, _ = _whole_run(root, args, workers, args.warmup)
+  long_wall, long_cpu, batch = _whole_run(root, args, workers, args.warmup + args.batches)
+  wall, cpu = long_wall - short_wall, long_cpu - short_cpu
+  images = args.batches * batch["image"].shape[0]
   return {
       "workers": workers,
-      "batch": c.train.batch_size,
-      "crop": c.train.crop_size,
+      "batch": int(batch["image"].shape[0]),
+      "crop": int(batch["image"].shape[1]),
       "images": images,
-      "warmup_s": round(warmup_s, 2),
+      "startup_s": round(short_wall, 2),
       "wall_s": round(wall, 3),
       "images_per_s": round(images / wall, 2),
       "cpu_s": round(cpu, 3),
       "cores_busy": round(cpu / wall, 2),
       "images_per_cpu_s": round(images / cpu, 2),
-      "batch_wait_s_median": round(statistics.median(waits), 4),
       "batch_shape": list(batch["image"].shape),
   }
 
@@ -152,7 +157,7 @@ def time_single_thread(root: str, args) -> dict:
 
   from cpal_jax.data import pipeline, transforms
 
-  c = voc_config(root, args, 0)
+  c = voc_config(root, args, 0, 1)
   source = pipeline.make_source(c, c.data.train_split)
   aug = transforms.TrainAugment(c.train.crop_size, tuple(c.train.resize_long) or None)
   rng = np.random.default_rng(args.seed)
