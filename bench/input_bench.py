@@ -11,7 +11,8 @@ Each rate is the difference of two whole runs of the iterator, over --warmup and
 --batches batches (grain's workers read far ahead, so a window inside one run would count batches
 made before it): images/s of wall time, and images per CPU-second of this process and all its
 descendants (/proc/<pid>/stat utime + stime), which is the rate per core, whatever the number of
-cores the run had. A single-thread row decodes and
+cores the run had. With too few batches for the difference to rise above the start-up's jitter the
+row is the long run's, start-up included (`startup_included`). A single-thread row decodes and
 augments element by element with no grain at all: the floor of the per-image cost.
 
 Next to it, the rate at which an H100 would consume images in the CAM train step: the step's
@@ -37,6 +38,7 @@ import tempfile
 import time
 
 import md_table  # bench/md_table.py, beside this script
+import memory_bench
 import voc_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,23 +88,15 @@ def voc_config(root: str, args, workers: int, batches: int):
 def cpu_seconds() -> dict[int, float]:
   """CPU seconds (user + system) of this process and of each live descendant, by pid."""
   tick = os.sysconf("SC_CLK_TCK")
-  parent, times = {}, {}
-  for entry in os.listdir("/proc"):
-    if not entry.isdigit():
-      continue
+  out = {}
+  for pid in memory_bench.descendants(os.getpid()):
     try:
-      with open(f"/proc/{entry}/stat") as f:
+      with open(f"/proc/{pid}/stat") as f:
         stat = f.read()
     except OSError:
-      continue
+      continue  # exited since
     fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
-    parent[int(entry)] = int(fields[1])
-    times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-  out, frontier = {}, [os.getpid()]
-  while frontier:
-    pid = frontier.pop()
-    out[pid] = times.get(pid, 0.0)
-    frontier += [c for c, pp in parent.items() if pp == pid]
+    out[pid] = (int(fields[11]) + int(fields[12])) / tick
   out[os.getpid()] = time.process_time()  # finer than clock ticks
   return out
 
@@ -136,6 +130,9 @@ def time_pipeline(root: str, args, workers: int) -> dict:
   long_wall, long_cpu, batch = _whole_run(root, args, workers, args.warmup + args.batches)
   wall, cpu = long_wall - short_wall, long_cpu - short_cpu
   images = args.batches * batch["image"].shape[0]
+  startup_included = wall <= 0 or cpu <= 0  # too few batches to rise above the start-up's jitter
+  if startup_included:
+    wall, cpu, images = long_wall, long_cpu, (args.warmup + args.batches) * batch["image"].shape[0]
   return {
       "workers": workers,
       "batch": int(batch["image"].shape[0]),
@@ -148,6 +145,7 @@ def time_pipeline(root: str, args, workers: int) -> dict:
       "cores_busy": round(cpu / wall, 2),
       "images_per_cpu_s": round(images / cpu, 2),
       "batch_shape": list(batch["image"].shape),
+      "startup_included": startup_included,
   }
 
 

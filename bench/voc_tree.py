@@ -12,9 +12,13 @@ times larger and slower to decode). numpy and PIL only.
 
 import json
 import os
+import sys
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cpal_jax.data import palette as voc_palette  # noqa: E402  (the devkit's colour map)
 
 SIZES = ((500, 375), (375, 500))  # W x H, VOC's two common shapes
 
@@ -26,21 +30,6 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     w, h = (int(v) for v in part.lower().split("x"))
     out.append((w, h))
   return out
-
-
-def _palette() -> list[int]:
-  # The devkit's bit-interleaved colour map, so the masks look like VOC's in a viewer.
-  cmap = []
-  for i in range(256):
-    r = g = b = 0
-    c = i
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    cmap += [r, g, b]
-  return cmap
 
 
 def _smooth(rng, h, w, cells, channels):
@@ -84,7 +73,7 @@ def write_voc_tree(root: str, n: int, sizes=SIZES, seed: int = 0, val: int = 0) 
   for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
     os.makedirs(os.path.join(root, d), exist_ok=True)
   rng = np.random.default_rng(seed)
-  palette = _palette()
+  palette = voc_palette.putpalette_list()
   ids, labels, kb = [], {}, []
   for i in range(n + max(val, 1)):
     image_id = f"2099_{i:06d}"

@@ -217,7 +217,7 @@ def test_input_bench_reports_rates_and_cores(tmp_path):
   res = json.loads(out.read_text())
   assert [row["workers"] for row in res["rows"]] == [0, 1]
   for row in res["rows"]:
-    assert row["images"] == 4 and row["batch_shape"] == [2, 64, 64, 3]
+    assert row["images"] == (6 if row["startup_included"] else 4) and row["batch_shape"] == [2, 64, 64, 3]
     for key in ("images_per_s", "images_per_cpu_s", "cores_busy", "cores_needed"):
       assert math.isfinite(row[key]) and row[key] > 0, (key, row)
   card = res["card"]
