@@ -82,7 +82,8 @@ def rebuild(workdir: str) -> dict:
     return read(workdir)
   entries = []
   for name in os.listdir(folder):
-    if name.endswith(".json"):
+    # Not the hidden temporaries of an atomic write: on a pod another process may be renaming one.
+    if name.endswith(".json") and not name.startswith("."):
       with open(os.path.join(folder, name)) as f:
         entries.append(json.load(f))
   summary = {k: None for k in SUMMARY_KEYS}

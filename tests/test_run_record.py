@@ -91,3 +91,18 @@ def test_config_hash_names_what_is_computed_not_how_it_was_launched():
   launched = tiny_config(**{"distributed.coordinator": "127.0.0.1:41234", "distributed.process_id": 1})
   assert cli.config_hash(launched) == cli.config_hash(base)
   assert cli.config_hash(tiny_config(**{"train.batch_size": 4})) != cli.config_hash(base)
+
+
+def test_rebuild_skips_another_process_s_half_written_record(tmp_path):
+  """On a pod, process 0 writes a stage record (a hidden temporary, then a rename) while another
+  process rebuilds summary.json from the same folder: the temporary is not a record."""
+  from cpal_jax import run_record
+
+  workdir = str(tmp_path)
+  os.makedirs(paths.cam_maps(workdir))
+  open(os.path.join(paths.cam_maps(workdir), "a.npz"), "w").close()
+  run_record.record(workdir, 1, "make_cam", [paths.cam_maps(workdir)], {"make_cam": {"written": 1}})
+  with open(os.path.join(paths.stage_records(workdir), ".tmp-x1y2refine.json"), "w") as f:
+    f.write('{"order": 3, "outp')  # cut off mid-write
+  summary = run_record.rebuild(workdir)
+  assert summary["make_cam"] == {"written": 1} and "refine" not in summary
