@@ -1,6 +1,6 @@
 """What both sides of bench/deeplab_step_bench.py share, numpy and the standard library only, so the
 PyTorch script can use it before torch is imported and the JAX bench without torch: the synthetic
-training batch, the backbone sizes, the process's peak memory.
+training batch, the backbone sizes, the process's peak memory (which torch_make_cam.py reads too).
 
 The batch looks like one of train_seg's augmentation (models/deeplab.py, train/seg.py): uint8 RGB
 crops, a pseudo mask of blobs of a few classes, and a bottom/right band of padding that the mask

@@ -27,7 +27,7 @@ import time
 
 import md_table  # bench/md_table.py, beside this script
 import xla_cpu
-from torch_make_cam import proc_status_mb
+from deeplab_common import proc_status_mb  # VmHWM, not ru_maxrss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_REF = os.path.join(REPO, "bench", "torch_make_cam.py")

@@ -72,19 +72,6 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def proc_status_mb(field: str) -> float:
-  """VmHWM / VmRSS of this process in MB. Not ru_maxrss: Linux carries that over from the parent
-  across fork/exec, so a small child of a big bench process would report the parent's peak."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith(field + ":"):
-          return int(line.split()[1]) / 1024  # kB
-  except OSError:
-    pass
-  return float("nan")
-
-
 def build_model(torch, seed: int):
   import torch.nn.functional as F
   import torch_ref  # bench/torch_ref.py, beside this script: SIPE's network
@@ -130,6 +117,7 @@ def main(argv=None):
     os.environ[var] = str(args.threads)  # read once when the libraries load: before the imports
   sys.path.insert(0, HERE)
   import numpy as np
+  from deeplab_common import proc_status_mb  # bench/, beside this script: VmHWM, not ru_maxrss
   import torch
   import torch.nn.functional as F
   from PIL import Image
